@@ -1,0 +1,154 @@
+//! `r2m bench`: SmolLM2 throughput, printed as text and as one JSON line per scenario.
+//!
+//! Run `scripts/reference/bench_torch.py` on the same machine for the PyTorch side; the README
+//! gives the command that runs both.
+
+use std::time::Instant;
+
+use burn::backend::Autodiff;
+use burn::module::AutodiffModule;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use clap::ValueEnum;
+use r2m_core::tensor::gather_log_probs;
+use r2m_core::Result;
+use r2m_models::{load_model, CausalLm, Padding};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use crate::backends::{dispatch, BackendTask, DeviceArg};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// Forward pass only (no autodiff).
+    Forward,
+    /// Forward + backward + AdamW step, all layers trainable.
+    Train,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Scenarios to run.
+    #[arg(value_enum, num_args = 1.., default_values_t = [Scenario::Forward, Scenario::Train])]
+    scenarios: Vec<Scenario>,
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    /// Timed iterations (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+}
+
+pub fn run(device: DeviceArg, args: BenchArgs) -> Result<()> {
+    dispatch(device, BenchTask(args))
+}
+
+struct BenchTask(BenchArgs);
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Peak resident memory of this process (Linux), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn random_tokens<B: Backend>(
+    batch: usize,
+    seq: usize,
+    vocab: usize,
+    dev: &B::Device,
+) -> Tensor<B, 2, Int> {
+    let mut rng = StdRng::seed_from_u64(0);
+    let ids: Vec<i64> = (0..batch * seq)
+        .map(|_| rng.random_range(0..vocab as i64))
+        .collect();
+    Tensor::from_data(TensorData::new(ids, [batch, seq]), dev)
+}
+
+/// Mean next-token cross-entropy of `tokens` under `model`.
+fn lm_loss<B: Backend>(model: &CausalLm<B>, tokens: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    let [b, s] = tokens.dims();
+    let inputs = tokens.clone().narrow(1, 0, s - 1);
+    let targets = tokens.narrow(1, 1, s - 1);
+    let out = model.forward(inputs, &Padding::none(b, s - 1));
+    gather_log_probs(out.logits, targets).mean().neg()
+}
+
+impl BackendTask for BenchTask {
+    fn run<B: Backend>(self, device: B::Device, backend: &str) -> Result<()> {
+        let a = self.0;
+        eprintln!("backend: {backend}");
+        let model = load_model::<B>(&a.model, &device)?.model;
+        let vocab = model.config.vocab_size;
+        let tokens_per_iter = (a.batch * a.seq) as f64;
+        for scenario in &a.scenarios {
+            let mut times = Vec::new();
+            match scenario {
+                Scenario::Forward => {
+                    let tokens = random_tokens::<B>(a.batch, a.seq, vocab, &device);
+                    for i in 0..=a.iters {
+                        let t0 = Instant::now();
+                        let out = model.forward(tokens.clone(), &Padding::none(a.batch, a.seq));
+                        let _ = out.logits.sum().into_scalar();
+                        if i > 0 {
+                            times.push(t0.elapsed().as_secs_f64());
+                        }
+                    }
+                }
+                Scenario::Train => {
+                    let mut m: CausalLm<Autodiff<B>> =
+                        load_model::<Autodiff<B>>(&a.model, &device)?.model;
+                    let mut optim = AdamWConfig::new().init::<Autodiff<B>, CausalLm<Autodiff<B>>>();
+                    let tokens = random_tokens::<Autodiff<B>>(a.batch, a.seq + 1, vocab, &device);
+                    for i in 0..=a.iters {
+                        let t0 = Instant::now();
+                        let loss = lm_loss(&m, tokens.clone());
+                        let grads = GradientsParams::from_grads(loss.backward(), &m);
+                        m = optim.step(1e-5, m, grads);
+                        // Wait for the update to finish before stopping the clock.
+                        let _ = m
+                            .valid()
+                            .embed_tokens
+                            .val()
+                            .narrow(0, 0, 1)
+                            .sum()
+                            .into_scalar();
+                        if i > 0 {
+                            times.push(t0.elapsed().as_secs_f64());
+                        }
+                    }
+                }
+            }
+            let secs = median(times);
+            let name = match scenario {
+                Scenario::Forward => "forward",
+                Scenario::Train => "train",
+            };
+            let tps = tokens_per_iter / secs;
+            let peak = peak_rss_mib();
+            println!(
+                "r2m {name:<8} backend={backend} batch={}x{} {:.1} ms/iter {:.1} tokens/s peak_rss={:.0} MiB",
+                a.batch,
+                a.seq,
+                secs * 1e3,
+                tps,
+                peak.unwrap_or(f64::NAN)
+            );
+            println!(
+                "{}",
+                serde_json::json!({"impl": "r2m", "backend": backend, "scenario": name, "batch": a.batch,
+                    "seq": a.seq, "ms_per_iter": secs * 1e3, "tokens_per_s": tps, "peak_rss_mib": peak})
+            );
+        }
+        Ok(())
+    }
+}

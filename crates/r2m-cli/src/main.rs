@@ -1,0 +1,165 @@
+//! The `r2m` command.
+
+mod backends;
+mod bench;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use clap::{Parser, Subcommand};
+use r2m_core::Result;
+use r2m_models::{generate, load_model, save_hf_dir, ChatMessage, GenerationConfig};
+
+use backends::{dispatch, BackendTask, DeviceArg};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "r2m",
+    version,
+    about = "RLHF with a real-time aligned reward model (R2M), on burn"
+)]
+struct Cli {
+    /// Backend to run on.
+    #[arg(long, value_enum, default_value = "auto", global = true)]
+    device: DeviceArg,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate a completion for one or more prompts (batched).
+    Generate(GenerateArgs),
+    /// Save a model (e.g. the GGUF default) as an HF directory that `transformers` loads.
+    Export {
+        /// `smollm2`, an HF checkpoint directory, or a .gguf file.
+        #[arg(long, default_value = "smollm2")]
+        model: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Fetch the default model into the cache and print its path.
+    Fetch,
+    /// Benchmarks (tokens/s), printed as text and one JSON line each.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct GenerateArgs {
+    /// `smollm2`, an HF checkpoint directory, or a .gguf file.
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    /// Prompt text; repeat for a batch.
+    #[arg(long, required = true)]
+    prompt: Vec<String>,
+    /// Wrap each prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the completion contains this string; repeatable.
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+struct GenerateTask(GenerateArgs);
+
+impl BackendTask for GenerateTask {
+    fn run<B: Backend>(self, device: B::Device, backend: &str) -> Result<()> {
+        let a = self.0;
+        eprintln!("backend: {backend}");
+        B::seed(&device, a.seed);
+        let t0 = Instant::now();
+        let loaded = load_model::<B>(&a.model, &device)?;
+        let tok = loaded.tokenizer()?;
+        eprintln!("loaded {} in {:.1}s", a.model, t0.elapsed().as_secs_f64());
+        let prompts: Vec<Vec<u32>> = a
+            .prompt
+            .iter()
+            .map(|p| {
+                if a.chat {
+                    let text = tok.apply_chat_template(&[ChatMessage::user(p.clone())], true)?;
+                    tok.encode(&text, false)
+                } else {
+                    tok.encode(p, true)
+                }
+            })
+            .collect::<Result<_>>()?;
+        let cfg = GenerationConfig {
+            max_new_tokens: a.max_new_tokens,
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+            stop_strings: a.stop.clone(),
+            eos_token_ids: Vec::new(),
+        };
+        let t0 = Instant::now();
+        let outs = generate(&loaded.model, Some(tok), &prompts, &cfg)?;
+        let secs = t0.elapsed().as_secs_f64();
+        let n_new: usize = outs.iter().map(|g| g.tokens.len()).sum();
+        for (p, g) in a.prompt.iter().zip(&outs) {
+            if outs.len() > 1 {
+                println!("### {p}");
+            }
+            println!("{}", g.text.as_deref().unwrap_or_default());
+        }
+        eprintln!(
+            "{n_new} new tokens in {secs:.2}s: {:.1} tokens/s (batch {}, prefill included)",
+            n_new as f64 / secs,
+            outs.len()
+        );
+        Ok(())
+    }
+}
+
+struct ExportTask {
+    model: String,
+    out: PathBuf,
+}
+
+impl BackendTask for ExportTask {
+    fn run<B: Backend>(self, device: B::Device, backend: &str) -> Result<()> {
+        eprintln!("backend: {backend}");
+        let loaded = load_model::<B>(&self.model, &device)?;
+        save_hf_dir(&loaded.model, loaded.tokenizer.as_ref(), &self.out)?;
+        println!("{}", self.out.display());
+        Ok(())
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(a) => dispatch(cli.device, GenerateTask(a)),
+        Command::Export { model, out } => dispatch(cli.device, ExportTask { model, out }),
+        Command::Fetch => {
+            let path = r2m_models::hub::fetch_smollm2(&mut |msg| eprintln!("{msg}"))?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::Bench(a) => bench::run(cli.device, a),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! r2m-core: the pieces every other r2m crate shares.
+//!
+//! - [`error`]: the one error type, with the file (and line or tensor) that went wrong;
+//! - [`tensor`]: small tensor helpers (masked mean, per-token log-prob gather).
+//!
+//! The R2M fusion head, the w(t) schedule and the GREBT loss will live here too
+//! (see `shared/r2m-method.md` §2-§3).
+
+pub mod error;
+pub mod tensor;
+
+pub use error::{R2mError, Result};

@@ -1,0 +1,23 @@
+//! r2m-models: decoder LLMs on burn.
+//!
+//! - [`config`]: one [`ModelConfig`] for Llama/SmolLM2/Llama-3, Qwen2 and GPT-NeoX/Pythia;
+//! - [`model`]: the decoder ([`CausalLm`]), returning logits and last-layer hidden states;
+//! - [`weights`], [`gguf`]: HF safetensors and GGUF checkpoints, dequantised to f32;
+//! - [`tokenizer`]: HF tokenizers and chat templates;
+//! - [`generate`]: batched sampling with a KV cache;
+//! - [`hub`], [`load`]: the default model (`smollm2`), loading and saving.
+
+pub mod config;
+pub mod generate;
+pub mod gguf;
+pub mod hub;
+pub mod load;
+pub mod model;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::{Architecture, ModelConfig};
+pub use generate::{generate, Generation, GenerationConfig};
+pub use load::{load_gguf, load_hf_dir, load_model, save_hf_dir, Loaded};
+pub use model::{CausalLm, ForwardOutput, KvCache, Padding};
+pub use tokenizer::{ChatMessage, Tokenizer};

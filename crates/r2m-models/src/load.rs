@@ -1,0 +1,79 @@
+//! Loading a model and its tokenizer from any supported source, and saving back to an HF directory.
+
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use r2m_core::{R2mError, Result};
+
+use crate::config::ModelConfig;
+use crate::gguf::GgufFile;
+use crate::hub::{resolve_model, ModelSource};
+use crate::model::CausalLm;
+use crate::tokenizer::Tokenizer;
+use crate::weights::{load_safetensors_dir, save_safetensors};
+
+/// A model with its tokenizer (`None` for a checkpoint directory without `tokenizer.json`).
+#[derive(Debug)]
+pub struct Loaded<B: Backend> {
+    pub model: CausalLm<B>,
+    pub tokenizer: Option<Tokenizer>,
+}
+
+impl<B: Backend> Loaded<B> {
+    /// The tokenizer, or an error naming the checkpoint that lacks one.
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| R2mError::Tokenizer {
+            path: "model".into(),
+            msg: "this checkpoint has no tokenizer.json".into(),
+        })
+    }
+}
+
+/// Load `spec`: `smollm2`, an HF directory or a `.gguf` file.
+pub fn load_model<B: Backend>(spec: &str, device: &B::Device) -> Result<Loaded<B>> {
+    match resolve_model(spec)? {
+        ModelSource::HfDir(dir) => load_hf_dir(&dir, device),
+        ModelSource::Gguf(path) => load_gguf(&path, device),
+    }
+}
+
+/// Load an HF checkpoint directory (`config.json`, safetensors, optional tokenizer files).
+pub fn load_hf_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<Loaded<B>> {
+    let config = ModelConfig::from_hf_file(&dir.join("config.json"))?;
+    let mut weights = load_safetensors_dir(dir)?;
+    let model = CausalLm::from_weights(&config, &mut weights, device)?;
+    let tokenizer = if dir.join("tokenizer.json").exists() {
+        Some(Tokenizer::from_hf_dir(dir)?)
+    } else {
+        None
+    };
+    Ok(Loaded { model, tokenizer })
+}
+
+/// Load a GGUF file (weights dequantised to f32, tokenizer and chat template from its metadata).
+pub fn load_gguf<B: Backend>(path: &Path, device: &B::Device) -> Result<Loaded<B>> {
+    let gguf = GgufFile::open(path)?;
+    let config = gguf.model_config()?;
+    let mut weights = gguf.weight_map(&config)?;
+    let model = CausalLm::from_weights(&config, &mut weights, device)?;
+    let tokenizer = Some(Tokenizer::from_gguf(&gguf)?);
+    Ok(Loaded { model, tokenizer })
+}
+
+/// Save as an HF directory `transformers` loads unchanged: `config.json`, f32 `model.safetensors`,
+/// and the tokenizer files when there is a tokenizer.
+pub fn save_hf_dir<B: Backend>(
+    model: &CausalLm<B>,
+    tokenizer: Option<&Tokenizer>,
+    dir: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| R2mError::io(dir, e))?;
+    let cfg_path = dir.join("config.json");
+    let text = serde_json::to_string_pretty(&model.config.to_hf_json()).expect("json");
+    std::fs::write(&cfg_path, text).map_err(|e| R2mError::io(&cfg_path, e))?;
+    save_safetensors(&dir.join("model.safetensors"), &model.to_weights())?;
+    if let Some(t) = tokenizer {
+        t.save_hf(dir)?;
+    }
+    Ok(())
+}

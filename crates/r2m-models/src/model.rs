@@ -1,0 +1,885 @@
+//! The decoder: one implementation for Llama/SmolLM2/Llama-3, Qwen2 and GPT-NeoX/Pythia, driven by
+//! [`ModelConfig`]. Differences between the families are data (biases, norm kind, MLP kind,
+//! residual layout, rotary width), not separate code paths.
+//!
+//! Weight names follow `transformers`, so the HF name of each parameter sits next to the layer that
+//! uses it ([`CausalLm::from_weights`], [`CausalLm::to_weights`]).
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{gelu, silu, tanh};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::{attention, embedding, linear};
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+use r2m_core::{R2mError, Result};
+
+use crate::config::{Activation, Architecture, ModelConfig};
+use crate::weights::{RawTensor, WeightMap};
+
+/// A linear layer, weight stored as `[d_in, d_out]`.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    pub weight: Param<Tensor<B, 2>>,
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// # Shapes
+    /// - `x`: `[..., d_in]` -> `[..., d_out]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+    }
+
+    fn load(
+        w: &mut WeightMap,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        dev: &B::Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: w.linear_weight(&format!("{prefix}.weight"), d_in, d_out, dev)?,
+            bias: if bias {
+                Some(w.param(&format!("{prefix}.bias"), [d_out], dev)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn save(&self, prefix: &str, out: &mut Vec<(String, RawTensor)>) {
+        out.push((
+            format!("{prefix}.weight"),
+            RawTensor::from_tensor(self.weight.val()).transposed(),
+        ));
+        if let Some(b) = &self.bias {
+            out.push((format!("{prefix}.bias"), RawTensor::from_tensor(b.val())));
+        }
+    }
+}
+
+/// RMSNorm (Llama, Qwen2) or LayerNorm (GPT-NeoX, when `bias` is present).
+#[derive(Module, Debug)]
+pub struct Norm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    /// Present for LayerNorm.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> Norm<B> {
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]` -> same
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let w = self.weight.val().unsqueeze::<3>();
+        match &self.bias {
+            None => {
+                let rms = (x.clone().square().mean_dim(2) + self.eps).sqrt();
+                x / rms * w
+            }
+            Some(b) => {
+                let (var, mean) = x.clone().var_mean_bias(2);
+                (x - mean) / (var + self.eps).sqrt() * w + b.val().unsqueeze::<3>()
+            }
+        }
+    }
+
+    fn load(w: &mut WeightMap, prefix: &str, cfg: &ModelConfig, dev: &B::Device) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(Self {
+            weight: w.param(&format!("{prefix}.weight"), [d], dev)?,
+            bias: if cfg.arch == Architecture::GptNeoX {
+                Some(w.param(&format!("{prefix}.bias"), [d], dev)?)
+            } else {
+                None
+            },
+            eps: cfg.norm_eps,
+        })
+    }
+
+    fn save(&self, prefix: &str, out: &mut Vec<(String, RawTensor)>) {
+        out.push((
+            format!("{prefix}.weight"),
+            RawTensor::from_tensor(self.weight.val()),
+        ));
+        if let Some(b) = &self.bias {
+            out.push((format!("{prefix}.bias"), RawTensor::from_tensor(b.val())));
+        }
+    }
+}
+
+/// Rotary position embedding in HF's rotate-half layout, on the first `rotary_dim` dims of each head.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(cfg: &ModelConfig) -> Self {
+        Self {
+            inv_freq: cfg.rope_inv_freq(),
+        }
+    }
+
+    /// `(cos, sin)` of shape `[batch, 1, seq, rotary_dim]` for integer positions `[batch][seq]`.
+    pub fn cos_sin<B: Backend>(
+        &self,
+        positions: &[Vec<usize>],
+        dev: &B::Device,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let b = positions.len();
+        let s = positions.first().map_or(0, Vec::len);
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(b * s * half * 2);
+        let mut sin = Vec::with_capacity(b * s * half * 2);
+        for row in positions {
+            for &p in row {
+                // f32 like transformers: freqs = inv_freq * position, emb = cat(freqs, freqs).
+                for _ in 0..2 {
+                    for &f in &self.inv_freq {
+                        let a = f * p as f32;
+                        cos.push(a.cos());
+                        sin.push(a.sin());
+                    }
+                }
+            }
+        }
+        let shape = [b, 1, s, 2 * half];
+        (
+            Tensor::from_data(TensorData::new(cos, shape), dev),
+            Tensor::from_data(TensorData::new(sin, shape), dev),
+        )
+    }
+
+    /// Rotate `x` (`[batch, heads, seq, head_dim]`) by the angles in `cos`/`sin`.
+    pub fn apply<B: Backend>(
+        x: Tensor<B, 4>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+    ) -> Tensor<B, 4> {
+        let [b, h, s, hd] = x.dims();
+        let rot = cos.dims()[3];
+        let (x_rot, x_pass) = if rot < hd {
+            (
+                x.clone().narrow(3, 0, rot),
+                Some(x.narrow(3, rot, hd - rot)),
+            )
+        } else {
+            (x, None)
+        };
+        let half = rot / 2;
+        let x1 = x_rot.clone().narrow(3, 0, half);
+        let x2 = x_rot.clone().narrow(3, half, half);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        let out = x_rot * cos.clone() + rotated * sin.clone();
+        let _ = (b, h, s);
+        match x_pass {
+            Some(p) => Tensor::cat(vec![out, p], 3),
+            None => out,
+        }
+    }
+}
+
+/// Per-layer key/value cache for incremental decoding.
+#[derive(Debug)]
+pub struct KvCache<B: Backend> {
+    /// `(k, v)` per layer, each `[batch, kv_heads, cached_len, head_dim]`.
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: (0..num_layers).map(|_| None).collect(),
+        }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn append(
+        &mut self,
+        layer: usize,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let (k, v) = match self.layers[layer].take() {
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            None => (k, v),
+        };
+        self.layers[layer] = Some((k.clone(), v.clone()));
+        (k, v)
+    }
+}
+
+/// Multi-head attention with grouped-query K/V heads.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`
+    /// - `cos`, `sin`: `[batch, 1, seq, rotary_dim]`
+    /// - `mask`: `[batch, heads, seq, kv_len]`, `true` = may not attend
+    /// - returns `[batch, seq, hidden]`
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        mask: Tensor<B, 4, Bool>,
+        cache: Option<(&mut KvCache<B>, usize)>,
+    ) -> Tensor<B, 3> {
+        let [b, s, _] = x.dims();
+        let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        // [batch, seq, heads, head_dim] -> [batch, heads, seq, head_dim]
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([b, s, h, hd])
+            .swap_dims(1, 2);
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([b, s, kvh, hd])
+            .swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, s, kvh, hd])
+            .swap_dims(1, 2);
+        let q = Rope::apply(q, cos, sin);
+        let k = Rope::apply(k, cos, sin);
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, k, v),
+            None => (k, v),
+        };
+        let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
+        let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
+        // [batch, heads, seq, head_dim] -> [batch, seq, hidden]
+        let out = out.swap_dims(1, 2).reshape([b, s, h * hd]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// `[batch, kv_heads, len, hd]` -> `[batch, kv_heads * n_rep, len, hd]` (each K/V head serves
+/// `n_rep` consecutive query heads, as in HF).
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [b, kvh, len, hd] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, kvh, n_rep, len, hd])
+        .reshape([b, kvh * n_rep, len, hd])
+}
+
+/// The feed-forward block: SwiGLU when `gate_proj` is present, else `down(act(up(x)))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Option<Linear<B>>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+    #[module(skip)]
+    pub activation: Activation,
+}
+
+impl<B: Backend> Mlp<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let up = self.up_proj.forward(x.clone());
+        let hidden = match (&self.gate_proj, self.activation) {
+            (Some(gate), _) => silu(gate.forward(x)) * up,
+            (None, Activation::Gelu | Activation::Silu) => gelu(up),
+            (None, Activation::GeluTanh) => gelu_tanh(up),
+        };
+        self.down_proj.forward(hidden)
+    }
+}
+
+/// GELU with the tanh approximation (`gelu_new`).
+fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let c = (2.0f64 / std::f64::consts::PI).sqrt();
+    let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715) * c;
+    x * (tanh(inner) + 1.0) * 0.5
+}
+
+/// One decoder block.
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub input_norm: Norm<B>,
+    pub attn: Attention<B>,
+    pub post_attn_norm: Norm<B>,
+    pub mlp: Mlp<B>,
+    pub parallel_residual: bool,
+}
+
+impl<B: Backend> Block<B> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        mask: Tensor<B, 4, Bool>,
+        cache: Option<(&mut KvCache<B>, usize)>,
+    ) -> Tensor<B, 3> {
+        let attn = self
+            .attn
+            .forward(self.input_norm.forward(x.clone()), cos, sin, mask, cache);
+        if self.parallel_residual {
+            // GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+            let mlp = self.mlp.forward(self.post_attn_norm.forward(x.clone()));
+            x + attn + mlp
+        } else {
+            let x = x + attn;
+            x.clone() + self.mlp.forward(self.post_attn_norm.forward(x))
+        }
+    }
+}
+
+/// Which positions of a batch hold real tokens (`true`) and which are padding.
+///
+/// Rows may be left-padded (generation) or right-padded (training); position ids count real tokens
+/// only, as in HF (`cumsum(mask) - 1`).
+#[derive(Debug, Clone)]
+pub struct Padding {
+    /// `[batch][len]`
+    pub valid: Vec<Vec<bool>>,
+}
+
+impl Padding {
+    /// No padding at all.
+    pub fn none(batch: usize, len: usize) -> Self {
+        Self {
+            valid: vec![vec![true; len]; batch],
+        }
+    }
+
+    /// From an HF-style 0/1 attention mask.
+    pub fn from_mask(mask: &[Vec<u8>]) -> Self {
+        Self {
+            valid: mask
+                .iter()
+                .map(|r| r.iter().map(|&m| m != 0).collect())
+                .collect(),
+        }
+    }
+
+    pub fn batch(&self) -> usize {
+        self.valid.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.valid.first().map_or(0, Vec::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Extend every row by `n` real positions.
+    pub fn push_valid(&mut self, n: usize) {
+        for r in &mut self.valid {
+            r.extend(std::iter::repeat_n(true, n));
+        }
+    }
+
+    /// HF position ids: number of real tokens before each position (padding gets 0).
+    pub fn positions(&self, start: usize, len: usize) -> Vec<Vec<usize>> {
+        self.valid
+            .iter()
+            .map(|row| {
+                let mut seen = 0usize;
+                let mut out = Vec::with_capacity(len);
+                for (i, &v) in row.iter().enumerate().take(start + len) {
+                    if i >= start {
+                        out.push(if v { seen } else { 0 });
+                    }
+                    if v {
+                        seen += 1;
+                    }
+                }
+                out
+            })
+            .collect()
+    }
+
+    /// Attention mask for queries at key positions `start..start+len` over keys `0..start+len`:
+    /// `true` where a query may **not** attend (a later key, or a padding key other than itself).
+    fn attention_mask<B: Backend>(
+        &self,
+        start: usize,
+        len: usize,
+        heads: usize,
+        dev: &B::Device,
+    ) -> Tensor<B, 4, Bool> {
+        let b = self.batch();
+        let kv = start + len;
+        let mut m = Vec::with_capacity(b * len * kv);
+        for row in &self.valid {
+            for qi in 0..len {
+                let q = start + qi;
+                for (k, &valid) in row.iter().enumerate().take(kv) {
+                    // A padding query attends to itself only, so no softmax row is empty.
+                    m.push(k > q || (!valid && k != q));
+                }
+            }
+        }
+        Tensor::<B, 4, Bool>::from_data(TensorData::new(m, [b, 1, len, kv]), dev)
+            .expand([b, heads, len, kv])
+    }
+}
+
+/// The output of a forward pass.
+#[derive(Debug)]
+pub struct ForwardOutput<B: Backend> {
+    /// `[batch, seq, vocab]`
+    pub logits: Tensor<B, 3>,
+    /// Last-layer hidden states after the final norm, `[batch, seq, hidden]` (what R2M feeds the RM).
+    pub hidden: Tensor<B, 3>,
+}
+
+/// A decoder-only causal language model.
+#[derive(Module, Debug)]
+pub struct CausalLm<B: Backend> {
+    /// `[vocab, hidden]`
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub layers: Vec<Block<B>>,
+    pub norm: Norm<B>,
+    /// `None` when the output projection is tied to `embed_tokens`.
+    pub lm_head: Option<Linear<B>>,
+    #[module(skip)]
+    pub config: ModelConfig,
+    #[module(skip)]
+    pub rope: Rope,
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Build the model from HF-named tensors; fails naming any missing, misshapen or leftover tensor.
+    pub fn from_weights(cfg: &ModelConfig, w: &mut WeightMap, dev: &B::Device) -> Result<Self> {
+        let (d, hd) = (cfg.hidden_size, cfg.head_dim);
+        if cfg.num_heads % cfg.num_kv_heads != 0 || cfg.rotary_dim > hd || cfg.rotary_dim % 2 != 0 {
+            return Err(R2mError::format(
+                &w.source,
+                format!(
+                    "inconsistent config: {} heads, {} kv heads, head_dim {hd}, rotary_dim {}",
+                    cfg.num_heads, cfg.num_kv_heads, cfg.rotary_dim
+                ),
+            ));
+        }
+        let neox = cfg.arch == Architecture::GptNeoX;
+        if neox {
+            split_neox_weights(cfg, w)?;
+        }
+        let (p, q_dim, kv_dim) = (model_prefix(cfg), cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let l = format!("{p}.layers.{i}");
+            let attn = format!("{l}.self_attn");
+            let mlp = format!("{l}.mlp");
+            layers.push(Block {
+                input_norm: Norm::load(w, &format!("{l}.input_layernorm"), cfg, dev)?,
+                attn: Attention {
+                    q_proj: Linear::load(
+                        w,
+                        &format!("{attn}.q_proj"),
+                        d,
+                        q_dim,
+                        cfg.qkv_bias,
+                        dev,
+                    )?,
+                    k_proj: Linear::load(
+                        w,
+                        &format!("{attn}.k_proj"),
+                        d,
+                        kv_dim,
+                        cfg.qkv_bias,
+                        dev,
+                    )?,
+                    v_proj: Linear::load(
+                        w,
+                        &format!("{attn}.v_proj"),
+                        d,
+                        kv_dim,
+                        cfg.qkv_bias,
+                        dev,
+                    )?,
+                    o_proj: Linear::load(
+                        w,
+                        &format!("{attn}.o_proj"),
+                        q_dim,
+                        d,
+                        cfg.out_bias,
+                        dev,
+                    )?,
+                    num_heads: cfg.num_heads,
+                    num_kv_heads: cfg.num_kv_heads,
+                    head_dim: hd,
+                },
+                post_attn_norm: Norm::load(w, &format!("{l}.post_attention_layernorm"), cfg, dev)?,
+                mlp: Mlp {
+                    gate_proj: if neox {
+                        None
+                    } else {
+                        Some(Linear::load(
+                            w,
+                            &format!("{mlp}.gate_proj"),
+                            d,
+                            cfg.intermediate_size,
+                            false,
+                            dev,
+                        )?)
+                    },
+                    up_proj: Linear::load(
+                        w,
+                        &format!("{mlp}.up_proj"),
+                        d,
+                        cfg.intermediate_size,
+                        cfg.out_bias,
+                        dev,
+                    )?,
+                    down_proj: Linear::load(
+                        w,
+                        &format!("{mlp}.down_proj"),
+                        cfg.intermediate_size,
+                        d,
+                        cfg.out_bias,
+                        dev,
+                    )?,
+                    activation: cfg.activation,
+                },
+                parallel_residual: cfg.parallel_residual,
+            });
+        }
+        let embed_tokens = w.param(
+            &format!("{p}.embed_tokens.weight"),
+            [cfg.vocab_size, d],
+            dev,
+        )?;
+        let norm = Norm::load(w, &format!("{p}.norm"), cfg, dev)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            // Some tied checkpoints still store a copy of the head; it is the embedding.
+            w.tensors.remove("lm_head.weight");
+            None
+        } else {
+            Some(Linear::load(w, "lm_head", d, cfg.vocab_size, false, dev)?)
+        };
+        // Buffers some exporters keep (rotary tables, attention masks) carry no weights.
+        w.tensors.retain(|n, _| {
+            !(n.ends_with("rotary_emb.inv_freq")
+                || n.ends_with(".attention.bias")
+                || n.ends_with(".attention.masked_bias"))
+        });
+        let leftover = w.leftover_names();
+        if !leftover.is_empty() {
+            return Err(R2mError::format(
+                &w.source,
+                format!(
+                    "{} tensor(s) the {} config does not use, e.g. `{}`: config and weights disagree",
+                    leftover.len(),
+                    cfg.arch.model_type(),
+                    leftover[0]
+                ),
+            ));
+        }
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            config: cfg.clone(),
+            rope: Rope::new(cfg),
+        })
+    }
+
+    /// All parameters as HF-named host tensors (the inverse of [`CausalLm::from_weights`]).
+    pub fn to_weights(&self) -> Vec<(String, RawTensor)> {
+        let cfg = &self.config;
+        let p = model_prefix(cfg);
+        let mut out = vec![(
+            format!("{p}.embed_tokens.weight"),
+            RawTensor::from_tensor(self.embed_tokens.val()),
+        )];
+        for (i, l) in self.layers.iter().enumerate() {
+            let n = format!("{p}.layers.{i}");
+            l.input_norm.save(&format!("{n}.input_layernorm"), &mut out);
+            l.attn
+                .q_proj
+                .save(&format!("{n}.self_attn.q_proj"), &mut out);
+            l.attn
+                .k_proj
+                .save(&format!("{n}.self_attn.k_proj"), &mut out);
+            l.attn
+                .v_proj
+                .save(&format!("{n}.self_attn.v_proj"), &mut out);
+            l.attn
+                .o_proj
+                .save(&format!("{n}.self_attn.o_proj"), &mut out);
+            l.post_attn_norm
+                .save(&format!("{n}.post_attention_layernorm"), &mut out);
+            if let Some(g) = &l.mlp.gate_proj {
+                g.save(&format!("{n}.mlp.gate_proj"), &mut out);
+            }
+            l.mlp.up_proj.save(&format!("{n}.mlp.up_proj"), &mut out);
+            l.mlp
+                .down_proj
+                .save(&format!("{n}.mlp.down_proj"), &mut out);
+        }
+        self.norm.save(&format!("{p}.norm"), &mut out);
+        if let Some(h) = &self.lm_head {
+            h.save("lm_head", &mut out);
+        }
+        if cfg.arch == Architecture::GptNeoX {
+            out = fuse_neox_weights(cfg, out);
+        }
+        out
+    }
+
+    pub fn device(&self) -> B::Device {
+        self.embed_tokens.val().device()
+    }
+
+    /// Full forward pass over `tokens` (no cache).
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]`; `padding` must be `batch x seq`
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>, padding: &Padding) -> ForwardOutput<B> {
+        let hidden = self.forward_hidden(tokens, padding, None);
+        ForwardOutput {
+            logits: self.lm_head(hidden.clone()),
+            hidden,
+        }
+    }
+
+    /// Last-layer hidden states (after the final norm) for `tokens`, which occupy the last
+    /// `seq` positions of `padding`. With a `cache`, keys/values of earlier positions come from it
+    /// and the new ones are appended.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]` -> `[batch, seq, hidden]`
+    pub fn forward_hidden(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        padding: &Padding,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let dev = tokens.device();
+        let [_, s] = tokens.dims();
+        let start = padding.len() - s;
+        debug_assert_eq!(cache.as_ref().map_or(0, |c| c.len()), start);
+        let (cos, sin) = self.rope.cos_sin::<B>(&padding.positions(start, s), &dev);
+        let mask = padding.attention_mask::<B>(start, s, self.config.num_heads, &dev);
+        let mut x = embedding(self.embed_tokens.val(), tokens);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let c = cache.as_deref_mut().map(|c| (c, i));
+            x = layer.forward(x, &cos, &sin, mask.clone(), c);
+        }
+        self.norm.forward(x)
+    }
+
+    /// Project hidden states to vocabulary logits.
+    ///
+    /// # Shapes
+    /// - `hidden`: `[batch, seq, hidden]` -> `[batch, seq, vocab]`
+    pub fn lm_head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => hidden.matmul(self.embed_tokens.val().transpose().unsqueeze::<3>()),
+        }
+    }
+}
+
+fn model_prefix(cfg: &ModelConfig) -> &'static str {
+    match cfg.arch {
+        Architecture::GptNeoX => "gpt_neox",
+        _ => "model",
+    }
+}
+
+/// GPT-NeoX HF names -> the Llama-style names [`CausalLm::from_weights`] reads, splitting the
+/// fused `query_key_value` (output rows laid out `[heads, 3, head_dim]`) into q/k/v.
+fn split_neox_weights(cfg: &ModelConfig, w: &mut WeightMap) -> Result<()> {
+    let (h, hd, d) = (cfg.num_heads, cfg.head_dim, cfg.hidden_size);
+    let renames = [
+        ("gpt_neox.embed_in.weight", "gpt_neox.embed_tokens.weight"),
+        ("gpt_neox.final_layer_norm.weight", "gpt_neox.norm.weight"),
+        ("gpt_neox.final_layer_norm.bias", "gpt_neox.norm.bias"),
+        ("embed_out.weight", "lm_head.weight"),
+    ];
+    for (from, to) in renames {
+        if let Some(t) = w.tensors.remove(from) {
+            w.insert(to, t);
+        }
+    }
+    for i in 0..cfg.num_layers {
+        let l = format!("gpt_neox.layers.{i}");
+        for (from, to) in [
+            ("attention.dense", "self_attn.o_proj"),
+            ("mlp.dense_h_to_4h", "mlp.up_proj"),
+            ("mlp.dense_4h_to_h", "mlp.down_proj"),
+        ] {
+            for suffix in ["weight", "bias"] {
+                if let Some(t) = w.tensors.remove(&format!("{l}.{from}.{suffix}")) {
+                    w.insert(format!("{l}.{to}.{suffix}"), t);
+                }
+            }
+        }
+        let qkv_w = w.take_raw(
+            &format!("{l}.attention.query_key_value.weight"),
+            &[3 * h * hd, d],
+        )?;
+        let qkv_b = w.take_raw(
+            &format!("{l}.attention.query_key_value.bias"),
+            &[3 * h * hd],
+        )?;
+        for (j, name) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+            let (mut wd, mut bd) = (Vec::with_capacity(h * hd * d), Vec::with_capacity(h * hd));
+            for head in 0..h {
+                let row0 = head * 3 * hd + j * hd;
+                wd.extend_from_slice(&qkv_w.data[row0 * d..(row0 + hd) * d]);
+                bd.extend_from_slice(&qkv_b.data[row0..row0 + hd]);
+            }
+            w.insert(
+                format!("{l}.self_attn.{name}.weight"),
+                RawTensor::new(vec![h * hd, d], wd),
+            );
+            w.insert(
+                format!("{l}.self_attn.{name}.bias"),
+                RawTensor::new(vec![h * hd], bd),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The inverse of [`split_neox_weights`], for saving in GPT-NeoX's own layout.
+fn fuse_neox_weights(
+    cfg: &ModelConfig,
+    tensors: Vec<(String, RawTensor)>,
+) -> Vec<(String, RawTensor)> {
+    use std::collections::HashMap;
+    let (h, hd, d) = (cfg.num_heads, cfg.head_dim, cfg.hidden_size);
+    let mut map: HashMap<String, RawTensor> = tensors.into_iter().collect();
+    let mut out = Vec::new();
+    fn mv(
+        map: &mut HashMap<String, RawTensor>,
+        out: &mut Vec<(String, RawTensor)>,
+        from: &str,
+        to: &str,
+    ) {
+        if let Some(t) = map.remove(from) {
+            out.push((to.to_string(), t));
+        }
+    }
+    mv(
+        &mut map,
+        &mut out,
+        "gpt_neox.embed_tokens.weight",
+        "gpt_neox.embed_in.weight",
+    );
+    for i in 0..cfg.num_layers {
+        let l = format!("gpt_neox.layers.{i}");
+        for s in ["weight", "bias"] {
+            mv(
+                &mut map,
+                &mut out,
+                &format!("{l}.input_layernorm.{s}"),
+                &format!("{l}.input_layernorm.{s}"),
+            );
+            mv(
+                &mut map,
+                &mut out,
+                &format!("{l}.post_attention_layernorm.{s}"),
+                &format!("{l}.post_attention_layernorm.{s}"),
+            );
+        }
+        let take = |map: &mut HashMap<String, RawTensor>, n: &str| {
+            map.remove(&format!("{l}.self_attn.{n}"))
+                .expect("q/k/v present")
+        };
+        let ws = [
+            take(&mut map, "q_proj.weight"),
+            take(&mut map, "k_proj.weight"),
+            take(&mut map, "v_proj.weight"),
+        ];
+        let bs = [
+            take(&mut map, "q_proj.bias"),
+            take(&mut map, "k_proj.bias"),
+            take(&mut map, "v_proj.bias"),
+        ];
+        let (mut wd, mut bd) = (
+            Vec::with_capacity(3 * h * hd * d),
+            Vec::with_capacity(3 * h * hd),
+        );
+        for head in 0..h {
+            for j in 0..3 {
+                wd.extend_from_slice(&ws[j].data[head * hd * d..(head + 1) * hd * d]);
+                bd.extend_from_slice(&bs[j].data[head * hd..(head + 1) * hd]);
+            }
+        }
+        out.push((
+            format!("{l}.attention.query_key_value.weight"),
+            RawTensor::new(vec![3 * h * hd, d], wd),
+        ));
+        out.push((
+            format!("{l}.attention.query_key_value.bias"),
+            RawTensor::new(vec![3 * h * hd], bd),
+        ));
+        for s in ["weight", "bias"] {
+            mv(
+                &mut map,
+                &mut out,
+                &format!("{l}.self_attn.o_proj.{s}"),
+                &format!("{l}.attention.dense.{s}"),
+            );
+            mv(
+                &mut map,
+                &mut out,
+                &format!("{l}.mlp.up_proj.{s}"),
+                &format!("{l}.mlp.dense_h_to_4h.{s}"),
+            );
+            mv(
+                &mut map,
+                &mut out,
+                &format!("{l}.mlp.down_proj.{s}"),
+                &format!("{l}.mlp.dense_4h_to_h.{s}"),
+            );
+        }
+    }
+    mv(
+        &mut map,
+        &mut out,
+        "gpt_neox.norm.weight",
+        "gpt_neox.final_layer_norm.weight",
+    );
+    mv(
+        &mut map,
+        &mut out,
+        "gpt_neox.norm.bias",
+        "gpt_neox.final_layer_norm.bias",
+    );
+    mv(&mut map, &mut out, "lm_head.weight", "embed_out.weight");
+    debug_assert!(
+        map.is_empty(),
+        "unmapped: {:?}",
+        map.keys().collect::<Vec<_>>()
+    );
+    out
+}

@@ -1,0 +1,232 @@
+//! Raw checkpoint tensors on the host, by HF name, before they become burn parameters.
+//!
+//! Every loader (safetensors, GGUF) produces a [`WeightMap`]: HF tensor names mapped to f32 data in
+//! HF layout (row-major, `[out, in]` for linear weights). The model then takes each tensor by name,
+//! with the shape its config implies, so one construction path serves every file format.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use r2m_core::{R2mError, Result};
+
+/// One tensor in host memory, f32, HF layout.
+#[derive(Debug, Clone)]
+pub struct RawTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl RawTensor {
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        Self { shape, data }
+    }
+
+    /// Transpose a 2-D tensor (`[r, c]` -> `[c, r]`).
+    pub fn transposed(&self) -> RawTensor {
+        let (r, c) = (self.shape[0], self.shape[1]);
+        let mut out = vec![0f32; r * c];
+        for i in 0..r {
+            for j in 0..c {
+                out[j * r + i] = self.data[i * c + j];
+            }
+        }
+        RawTensor::new(vec![c, r], out)
+    }
+
+    /// Read a burn tensor back to the host.
+    pub fn from_tensor<B: Backend, const D: usize>(t: Tensor<B, D>) -> RawTensor {
+        let shape = t.dims().to_vec();
+        let data = t
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("f32 tensor data");
+        RawTensor::new(shape, data)
+    }
+}
+
+/// Named tensors from one checkpoint; `source` is the file or directory they came from.
+#[derive(Debug, Default)]
+pub struct WeightMap {
+    pub source: PathBuf,
+    pub tensors: HashMap<String, RawTensor>,
+}
+
+impl WeightMap {
+    pub fn new(source: impl Into<PathBuf>) -> Self {
+        Self {
+            source: source.into(),
+            tensors: HashMap::new(),
+        }
+    }
+
+    pub fn insert(&mut self, name: impl Into<String>, t: RawTensor) {
+        self.tensors.insert(name.into(), t);
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Remove and return the tensor `name`, checking its shape.
+    pub fn take_raw(&mut self, name: &str, expected: &[usize]) -> Result<RawTensor> {
+        let t = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| R2mError::MissingTensor {
+                path: self.source.clone(),
+                name: name.to_string(),
+            })?;
+        if t.shape != expected {
+            return Err(R2mError::ShapeMismatch {
+                path: self.source.clone(),
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                got: t.shape,
+            });
+        }
+        Ok(t)
+    }
+
+    /// A parameter of `D` dims with the given shape.
+    pub fn param<B: Backend, const D: usize>(
+        &mut self,
+        name: &str,
+        shape: [usize; D],
+        device: &B::Device,
+    ) -> Result<Param<Tensor<B, D>>> {
+        let t = self.take_raw(name, &shape)?;
+        Ok(Param::from_tensor(to_tensor(t, device)))
+    }
+
+    /// A linear layer's weight stored by HF as `[out, in]`, returned as burn's `[in, out]`.
+    pub fn linear_weight<B: Backend>(
+        &mut self,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+        device: &B::Device,
+    ) -> Result<Param<Tensor<B, 2>>> {
+        let t = self.take_raw(name, &[d_out, d_in])?.transposed();
+        Ok(Param::from_tensor(to_tensor(t, device)))
+    }
+
+    /// Names of tensors nobody took: a checkpoint with leftovers is probably not what the config says.
+    pub fn leftover_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.tensors.keys().cloned().collect();
+        names.sort();
+        names
+    }
+}
+
+/// Upload a host tensor to `device`.
+pub fn to_tensor<B: Backend, const D: usize>(t: RawTensor, device: &B::Device) -> Tensor<B, D> {
+    Tensor::from_data(TensorData::new(t.data, t.shape), device)
+}
+
+// ---------------------------------------------------------------------------------------------
+// safetensors
+// ---------------------------------------------------------------------------------------------
+
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| R2mError::io(path, e))
+}
+
+/// Load one `.safetensors` file into `map`, converting bf16/f16/f32 to f32.
+pub fn load_safetensors_file(path: &Path, map: &mut WeightMap) -> Result<()> {
+    use safetensors::{Dtype, SafeTensors};
+    let bytes = read_file(path)?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| R2mError::format(path, format!("not a valid safetensors file: {e}")))?;
+    for (name, view) in st.tensors() {
+        let raw = view.data();
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F32 => raw
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(R2mError::format(
+                    path,
+                    format!("tensor `{name}` has dtype {other:?}; supported: F32, F16, BF16"),
+                ))
+            }
+        };
+        map.insert(name, RawTensor::new(view.shape().to_vec(), data));
+    }
+    Ok(())
+}
+
+/// Load the weights of an HF directory: `model.safetensors`, or the shards listed in
+/// `model.safetensors.index.json`.
+pub fn load_safetensors_dir(dir: &Path) -> Result<WeightMap> {
+    let mut map = WeightMap::new(dir);
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    if single.exists() {
+        load_safetensors_file(&single, &mut map)?;
+    } else if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| R2mError::io(&index, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| R2mError::format(&index, format!("line {}: {e}", e.line())))?;
+        let wm = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| R2mError::format(&index, "no `weight_map` object"))?;
+        let mut shards: Vec<&str> = wm.values().filter_map(|s| s.as_str()).collect();
+        shards.sort();
+        shards.dedup();
+        for shard in shards {
+            load_safetensors_file(&dir.join(shard), &mut map)?;
+        }
+        for name in wm.keys() {
+            if !map.contains(name) {
+                return Err(R2mError::MissingTensor {
+                    path: index.clone(),
+                    name: name.clone(),
+                });
+            }
+        }
+    } else {
+        return Err(R2mError::format(
+            dir,
+            "no model.safetensors or model.safetensors.index.json in this directory",
+        ));
+    }
+    map.source = dir.to_path_buf();
+    Ok(map)
+}
+
+/// Write `tensors` as one f32 `model.safetensors` file.
+pub fn save_safetensors(path: &Path, tensors: &[(String, RawTensor)]) -> Result<()> {
+    use safetensors::{tensor::TensorView, Dtype};
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            let b: Vec<u8> = t.data.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (n.clone(), b, t.shape.clone())
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> = bytes
+        .iter()
+        .map(|(n, b, s)| {
+            let view = TensorView::new(Dtype::F32, s.clone(), b).expect("consistent view");
+            (n.clone(), view)
+        })
+        .collect();
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    safetensors::serialize_to_file(views, Some(meta), path)
+        .map_err(|e| R2mError::format(path, format!("writing safetensors: {e}")))
+}

@@ -1,0 +1,61 @@
+//! Shared helpers: the test backend, fixtures, and the SmolLM2 model loaded once per test binary.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use burn::tensor::{Int, Tensor, TensorData};
+use r2m_models::{load_gguf, Loaded};
+use serde_json::Value;
+
+/// The CPU backend every test runs on.
+pub type TB = burn::backend::Flex;
+
+pub fn device() -> burn::backend::flex::FlexDevice {
+    Default::default()
+}
+
+pub fn fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+pub fn read_json(name: &str) -> Value {
+    let path = fixture_dir().join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn ids_of(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+pub fn floats_of(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+pub fn int_tensor(rows: &[Vec<u32>]) -> Tensor<TB, 2, Int> {
+    let (b, s) = (rows.len(), rows[0].len());
+    let data: Vec<i64> = rows.iter().flatten().map(|&x| x as i64).collect();
+    Tensor::from_data(TensorData::new(data, [b, s]), &device())
+}
+
+pub fn to_vec<const D: usize>(t: Tensor<TB, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+}
+
+/// SmolLM2-135M-Instruct from the cached (or freshly fetched) GGUF, loaded once.
+pub fn smollm2() -> &'static Loaded<TB> {
+    static MODEL: OnceLock<Loaded<TB>> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let path =
+            r2m_models::hub::fetch_smollm2(&mut |m| eprintln!("{m}")).expect("fetch smollm2");
+        load_gguf::<TB>(&path, &device()).expect("load smollm2")
+    })
+}
