@@ -54,24 +54,28 @@ def timed(fn, warmup: int, iters: int) -> list[float]:
         fn()
     times = []
     c0 = cpu_times()
+    p0, w0 = time.process_time(), time.perf_counter()
     for _ in range(iters):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     c1 = cpu_times()
-    global LAST_STEAL_PCT
+    global LAST_STEAL_PCT, LAST_CPU_UTIL
+    # process CPU seconds per wall second; ~= --threads when the cores are not shared
+    LAST_CPU_UTIL = round((time.process_time() - p0) / (time.perf_counter() - w0), 2)
     if c0 and c1 and c1[1] > c0[1]:
         LAST_STEAL_PCT = round(100.0 * (c1[0] - c0[0]) / (c1[1] - c0[1]), 1)
     return times
 
 
 LAST_STEAL_PCT = None
+LAST_CPU_UTIL = None
 CALIBRATION_GFLOPS = None
 
 
 def emit(args, rec: dict) -> None:
     rec = {"impl": "pytorch", **rec, "threads": args.threads, "torch": torch.__version__,
-           "cpu_steal_pct": LAST_STEAL_PCT, "matmul_gflops": CALIBRATION_GFLOPS}
+           "cpu_util": LAST_CPU_UTIL, "cpu_steal_pct": LAST_STEAL_PCT, "matmul_gflops": CALIBRATION_GFLOPS}
     if args.json:
         print(json.dumps(rec), flush=True)
     else:

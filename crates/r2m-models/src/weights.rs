@@ -28,9 +28,15 @@ impl RawTensor {
     pub fn transposed(&self) -> RawTensor {
         let (r, c) = (self.shape[0], self.shape[1]);
         let mut out = vec![0f32; r * c];
-        for i in 0..r {
-            for j in 0..c {
-                out[j * r + i] = self.data[i * c + j];
+        // 32x32 tiles keep both sides in cache.
+        const T: usize = 32;
+        for i0 in (0..r).step_by(T) {
+            for j0 in (0..c).step_by(T) {
+                for i in i0..(i0 + T).min(r) {
+                    for j in j0..(j0 + T).min(c) {
+                        out[j * r + i] = self.data[i * c + j];
+                    }
+                }
             }
         }
         RawTensor::new(vec![c, r], out)
