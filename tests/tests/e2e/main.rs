@@ -3,6 +3,8 @@
 //! Fixtures in `tests/fixtures` come from `scripts/reference/make_fixtures.py` (PyTorch
 //! `transformers` on the same weights). The SmolLM2 tests fetch the default model on first use.
 
+mod backends;
 mod common;
+mod data;
 mod errors;
 mod models;
