@@ -1,12 +1,14 @@
 //! r2m-core: the pieces every other r2m crate shares.
 //!
 //! - [`error`]: the one error type, with the file (and line or tensor) that went wrong;
-//! - [`tensor`]: small tensor helpers (masked mean, per-token log-prob gather).
+//! - [`tensor`]: small tensor helpers (masked mean, per-token log-prob gather);
+//! - [`loss`]: preference losses (Bradley-Terry).
 //!
 //! The R2M fusion head, the w(t) schedule and the GREBT loss will live here too
 //! (see `shared/r2m-method.md` §2-§3).
 
 pub mod error;
+pub mod loss;
 pub mod tensor;
 
 pub use error::{R2mError, Result};

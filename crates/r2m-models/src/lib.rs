@@ -5,6 +5,7 @@
 //! - [`weights`], [`gguf`]: HF safetensors and GGUF checkpoints, dequantised to f32;
 //! - [`tokenizer`]: HF tokenizers and chat templates;
 //! - [`generate`]: batched sampling with a KV cache;
+//! - [`reward`]: scalar reward models in the HF sequence-classification layout;
 //! - [`hub`], [`load`]: the default model (`smollm2`), loading and saving.
 
 pub mod config;
@@ -13,6 +14,7 @@ pub mod gguf;
 pub mod hub;
 pub mod load;
 pub mod model;
+pub mod reward;
 pub mod tokenizer;
 pub mod weights;
 
@@ -20,4 +22,5 @@ pub use config::{Architecture, ModelConfig};
 pub use generate::{generate, Generation, GenerationConfig};
 pub use load::{load_gguf, load_hf_dir, load_model, save_hf_dir, Loaded};
 pub use model::{CausalLm, ForwardOutput, KvCache, Padding};
+pub use reward::{RewardModel, RewardOutput};
 pub use tokenizer::{ChatMessage, Tokenizer};

@@ -166,7 +166,7 @@ impl Rope {
         cos: &Tensor<B, 4>,
         sin: &Tensor<B, 4>,
     ) -> Tensor<B, 4> {
-        let [b, h, s, hd] = x.dims();
+        let hd = x.dims()[3];
         let rot = cos.dims()[3];
         let (x_rot, x_pass) = if rot < hd {
             (
@@ -181,7 +181,6 @@ impl Rope {
         let x2 = x_rot.clone().narrow(3, half, half);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
         let out = x_rot * cos.clone() + rotated * sin.clone();
-        let _ = (b, h, s);
         match x_pass {
             Some(p) => Tensor::cat(vec![out, p], 3),
             None => out,
@@ -482,6 +481,26 @@ pub struct CausalLm<B: Backend> {
 impl<B: Backend> CausalLm<B> {
     /// Build the model from HF-named tensors; fails naming any missing, misshapen or leftover tensor.
     pub fn from_weights(cfg: &ModelConfig, w: &mut WeightMap, dev: &B::Device) -> Result<Self> {
+        Self::load(cfg, w, dev, true)
+    }
+
+    /// Build only the decoder body (no LM head), as stored in HF `*ForSequenceClassification`
+    /// checkpoints. [`CausalLm::lm_head`] must not be called on the result unless the config ties
+    /// the head to the embedding.
+    pub fn backbone_from_weights(
+        cfg: &ModelConfig,
+        w: &mut WeightMap,
+        dev: &B::Device,
+    ) -> Result<Self> {
+        Self::load(cfg, w, dev, false)
+    }
+
+    fn load(
+        cfg: &ModelConfig,
+        w: &mut WeightMap,
+        dev: &B::Device,
+        with_lm_head: bool,
+    ) -> Result<Self> {
         let (d, hd) = (cfg.hidden_size, cfg.head_dim);
         if cfg.num_heads % cfg.num_kv_heads != 0 || cfg.rotary_dim > hd || cfg.rotary_dim % 2 != 0 {
             return Err(R2mError::format(
@@ -582,7 +601,7 @@ impl<B: Backend> CausalLm<B> {
             dev,
         )?;
         let norm = Norm::load(w, &format!("{p}.norm"), cfg, dev)?;
-        let lm_head = if cfg.tie_word_embeddings {
+        let lm_head = if cfg.tie_word_embeddings || !with_lm_head {
             // Some tied checkpoints still store a copy of the head; it is the embedding.
             w.tensors.remove("lm_head.weight");
             None

@@ -8,3 +8,4 @@ mod common;
 mod data;
 mod errors;
 mod models;
+mod reward;
