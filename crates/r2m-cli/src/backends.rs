@@ -15,6 +15,8 @@ pub enum DeviceArg {
     Wgpu,
     /// NVIDIA CUDA.
     Cuda,
+    /// burn's ndarray CPU backend (build with `--features ndarray`; slower than `cpu`).
+    Ndarray,
 }
 
 /// Work that runs on whichever backend was chosen.
@@ -57,6 +59,12 @@ pub fn dispatch(choice: DeviceArg, task: impl BackendTask) -> Result<()> {
             #[cfg(not(feature = "cuda"))]
             return Err(not_compiled("cuda", "cuda"));
         }
+        DeviceArg::Ndarray => {
+            #[cfg(feature = "ndarray")]
+            return task.run::<burn::backend::NdArray>(Default::default(), "ndarray (CPU)");
+            #[cfg(not(feature = "ndarray"))]
+            return Err(not_compiled("ndarray", "ndarray"));
+        }
         DeviceArg::Auto => unreachable!("resolved above"),
     }
 }
@@ -97,8 +105,11 @@ fn wgpu_has_hardware_adapter() -> bool {
 
 #[cfg(feature = "wgpu")]
 fn wgpu_adapter_name() -> String {
-    wgpu_adapters()
+    // burn's default WGPU device goes through Vulkan where there is one.
+    let mut adapters = wgpu_adapters();
+    adapters.sort_by_key(|a| a.backend != wgpu::Backend::Vulkan);
+    adapters
         .first()
-        .map(|a| format!("{}, {:?}", a.name, a.device_type))
+        .map(|a| format!("{}, {:?}, {:?}", a.name, a.backend, a.device_type))
         .unwrap_or_else(|| "no adapter found".into())
 }

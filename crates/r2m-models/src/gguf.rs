@@ -318,7 +318,7 @@ impl GgufFile {
             )
         })?;
         let n: usize = info.shape.iter().product();
-        if n % ty.block_size() != 0 {
+        if !n.is_multiple_of(ty.block_size()) {
             return Err(R2mError::format(
                 &self.path,
                 format!(

@@ -27,7 +27,7 @@ pub fn cache_dir() -> PathBuf {
         return PathBuf::from(p);
     }
     dirs::cache_dir()
-        .unwrap_or_else(|| std::env::temp_dir())
+        .unwrap_or_else(std::env::temp_dir)
         .join("r2m")
 }
 

@@ -502,7 +502,10 @@ impl<B: Backend> CausalLm<B> {
         with_lm_head: bool,
     ) -> Result<Self> {
         let (d, hd) = (cfg.hidden_size, cfg.head_dim);
-        if cfg.num_heads % cfg.num_kv_heads != 0 || cfg.rotary_dim > hd || cfg.rotary_dim % 2 != 0 {
+        if !cfg.num_heads.is_multiple_of(cfg.num_kv_heads)
+            || cfg.rotary_dim > hd
+            || !cfg.rotary_dim.is_multiple_of(2)
+        {
             return Err(R2mError::format(
                 &w.source,
                 format!(

@@ -10,7 +10,7 @@ use crate::common::*;
 #[test]
 fn wgpu_forward_matches_cpu_backend_on_tiny_llama3() {
     let dir = fixture_dir().join("tiny").join("tiny-llama3");
-    let rows = vec![vec![5i64, 17, 99, 3, 42, 7], vec![1, 2, 3, 4, 5, 6]];
+    let rows = [vec![5i64, 17, 99, 3, 42, 7], vec![1, 2, 3, 4, 5, 6]];
     let cpu = load_hf_dir::<TB>(&dir, &device()).unwrap().model;
     let want = to_vec(
         cpu.forward(
