@@ -22,8 +22,12 @@ use crate::backends::{dispatch, BackendTask, DeviceArg};
 pub enum Scenario {
     /// Forward pass only (no autodiff).
     Forward,
+    /// Forward pass to the last hidden states, without the LM head (what a reward model runs).
+    Hidden,
     /// Forward + backward + AdamW step, all layers trainable.
     Train,
+    /// One MLP-sized GEMM, `[batch*seq, hidden] x [hidden, intermediate]` (GFLOP/s calibration).
+    Gemm,
 }
 
 #[derive(clap::Args, Debug)]
@@ -104,6 +108,58 @@ impl BackendTask for BenchTask {
                         }
                     }
                 }
+                Scenario::Hidden => {
+                    let tokens = random_tokens::<B>(a.batch, a.seq, vocab, &device);
+                    for i in 0..=a.iters {
+                        let t0 = Instant::now();
+                        let h = model.forward_hidden(
+                            tokens.clone(),
+                            &Padding::none(a.batch, a.seq),
+                            None,
+                        );
+                        let _ = h.sum().into_scalar();
+                        if i > 0 {
+                            times.push(t0.elapsed().as_secs_f64());
+                        }
+                    }
+                }
+                Scenario::Gemm => {
+                    let (m, k, n) = (
+                        a.batch * a.seq,
+                        model.config.hidden_size,
+                        model.config.intermediate_size,
+                    );
+                    let x = Tensor::<B, 2>::random(
+                        [m, k],
+                        burn::tensor::Distribution::Default,
+                        &device,
+                    );
+                    let w = Tensor::<B, 2>::random(
+                        [k, n],
+                        burn::tensor::Distribution::Default,
+                        &device,
+                    );
+                    for i in 0..=a.iters * 10 {
+                        let t0 = Instant::now();
+                        let _ = x
+                            .clone()
+                            .matmul(w.clone())
+                            .narrow(0, 0, 1)
+                            .sum()
+                            .into_scalar();
+                        if i > 0 {
+                            times.push(t0.elapsed().as_secs_f64());
+                        }
+                    }
+                    let gflops = 2.0 * (m * k * n) as f64 / median(times) / 1e9;
+                    println!("r2m gemm     backend={backend} {m}x{k}x{n} {gflops:.1} GFLOP/s");
+                    println!(
+                        "{}",
+                        serde_json::json!({"impl": "r2m", "backend": backend, "scenario": "gemm",
+                            "m": m, "k": k, "n": n, "gflops": gflops})
+                    );
+                    continue;
+                }
                 Scenario::Train => {
                     let mut m: CausalLm<Autodiff<B>> =
                         load_model::<Autodiff<B>>(&a.model, &device)?.model;
@@ -131,6 +187,8 @@ impl BackendTask for BenchTask {
             let secs = median(times);
             let name = match scenario {
                 Scenario::Forward => "forward",
+                Scenario::Hidden => "hidden",
+                Scenario::Gemm => unreachable!("reported above"),
                 Scenario::Train => "train",
             };
             let tps = tokens_per_iter / secs;
