@@ -30,10 +30,6 @@ fn wgpu_forward_matches_cpu_backend_on_tiny_llama3() {
         .convert::<f32>()
         .to_vec()
         .unwrap();
-    let max_diff = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let max_diff = max_abs_diff(&got, &want);
     assert!(max_diff < 1e-3, "wgpu vs cpu: {max_diff}");
 }

@@ -50,6 +50,15 @@ pub fn to_vec<const D: usize>(t: Tensor<TB, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
 }
 
+/// Largest elementwise |a - b|.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "compared slices differ in length");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
 /// SmolLM2-135M-Instruct from the cached (or freshly fetched) GGUF, loaded once.
 pub fn smollm2() -> &'static Loaded<TB> {
     static MODEL: OnceLock<Loaded<TB>> = OnceLock::new();

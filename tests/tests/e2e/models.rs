@@ -233,11 +233,7 @@ fn check_tiny(name: &str) {
         .flat_map(|r| r.as_array().unwrap().iter().flat_map(floats_of))
         .collect();
     assert_eq!(got.len(), want.len());
-    let max_diff = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let max_diff = max_abs_diff(&got, &want);
     eprintln!("{name}: max |logit diff| = {max_diff:e}");
     assert!(max_diff <= TOL, "{name}: max |logit diff| {max_diff}");
 
@@ -248,11 +244,7 @@ fn check_tiny(name: &str) {
         .iter()
         .flat_map(floats_of)
         .collect();
-    let max_h = hidden
-        .iter()
-        .zip(&want_h)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let max_h = max_abs_diff(&hidden, &want_h);
     assert!(max_h <= TOL, "{name}: max |hidden diff| {max_h}");
 
     // Round trip through our own HF export.
@@ -305,11 +297,7 @@ fn left_padding_does_not_change_a_rows_logits() {
     let out = to_vec(m.forward(int_tensor(&[padded, other]), &pad).logits);
     let vocab = m.config.vocab_size;
     let row0 = &out[3 * vocab..8 * vocab];
-    let max_diff = row0
-        .iter()
-        .zip(&alone)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let max_diff = max_abs_diff(row0, &alone);
     assert!(max_diff < 1e-4, "{max_diff}");
     assert!(
         out.iter().all(|x| x.is_finite()),
