@@ -2,6 +2,7 @@
 
 mod backends;
 mod bench;
+mod rm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +44,10 @@ enum Command {
     },
     /// Fetch the default model into the cache and print its path.
     Fetch,
+    /// Train a Bradley-Terry reward model on preference pairs.
+    TrainRm(rm::TrainRmArgs),
+    /// Evaluate a reward model on preference pairs: accuracy, margin, length correlation.
+    EvalRm(rm::EvalRmArgs),
     /// Benchmarks (tokens/s), printed as text and one JSON line each.
     Bench(bench::BenchArgs),
 }
@@ -149,6 +154,8 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", path.display());
             Ok(())
         }
+        Command::TrainRm(a) => dispatch(cli.device, rm::TrainRmTask(a)),
+        Command::EvalRm(a) => dispatch(cli.device, rm::EvalRmTask(a)),
         Command::Bench(a) => bench::run(cli.device, a),
     }
 }

@@ -121,26 +121,44 @@ impl<B: Backend> Norm<B> {
 #[derive(Debug, Clone)]
 pub struct Rope {
     inv_freq: Vec<f32>,
+    head_dim: usize,
+}
+
+/// The per-forward tables [`Rope::apply`] uses, laid out like the q and k projections'
+/// outputs (`[batch, seq, heads * head_dim]`) so every product is between same-shape contiguous
+/// tensors (broadcasting is a slow strided path on some CPU backends).
+#[derive(Debug, Clone)]
+pub struct RopeTables<B: Backend> {
+    /// `(cos, sin)` for the query heads; cos 1 and sin 0 on dims past `rotary_dim`.
+    q: (Tensor<B, 3>, Tensor<B, 3>),
+    /// The same for the key/value heads.
+    k: (Tensor<B, 3>, Tensor<B, 3>),
+    /// `[head_dim, head_dim]`: `x @ rot == rotate_half(x)` on the rotary dims, 0 elsewhere.
+    rot: Tensor<B, 2>,
 }
 
 impl Rope {
     pub fn new(cfg: &ModelConfig) -> Self {
         Self {
             inv_freq: cfg.rope_inv_freq(),
+            head_dim: cfg.head_dim,
         }
     }
 
-    /// `(cos, sin)` of shape `[batch, 1, seq, rotary_dim]` for integer positions `[batch][seq]`.
-    pub fn cos_sin<B: Backend>(
+    /// Tables for integer positions `[batch][seq]`, for `heads` query and `kv_heads` key heads.
+    pub fn tables<B: Backend>(
         &self,
         positions: &[Vec<usize>],
+        heads: usize,
+        kv_heads: usize,
         dev: &B::Device,
-    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    ) -> RopeTables<B> {
         let b = positions.len();
         let s = positions.first().map_or(0, Vec::len);
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(b * s * half * 2);
-        let mut sin = Vec::with_capacity(b * s * half * 2);
+        let (half, hd) = (self.inv_freq.len(), self.head_dim);
+        // One head's angles per position.
+        let mut cos = Vec::with_capacity(b * s * hd);
+        let mut sin = Vec::with_capacity(b * s * hd);
         for row in positions {
             for &p in row {
                 // f32 like transformers: freqs = inv_freq * position, emb = cat(freqs, freqs).
@@ -151,45 +169,53 @@ impl Rope {
                         sin.push(a.sin());
                     }
                 }
+                // Dims past rotary_dim pass through unchanged.
+                cos.extend(std::iter::repeat_n(1.0, hd - 2 * half));
+                sin.extend(std::iter::repeat_n(0.0, hd - 2 * half));
             }
         }
-        let shape = [b, 1, s, 2 * half];
-        (
-            Tensor::from_data(TensorData::new(cos, shape), dev),
-            Tensor::from_data(TensorData::new(sin, shape), dev),
-        )
+        let per_heads = |t: &[f32], n: usize| -> Tensor<B, 3> {
+            let mut v = Vec::with_capacity(t.len() * n);
+            for pos in t.chunks(hd) {
+                for _ in 0..n {
+                    v.extend_from_slice(pos);
+                }
+            }
+            Tensor::from_data(TensorData::new(v, [b, s, n * hd]), dev)
+        };
+        // rotate_half(x) = cat(-x[half..rot], x[..half]) as a matrix.
+        let mut rot = vec![0f32; hd * hd];
+        for j in 0..half {
+            rot[(j + half) * hd + j] = -1.0;
+            rot[j * hd + j + half] = 1.0;
+        }
+        RopeTables {
+            q: (per_heads(&cos, heads), per_heads(&sin, heads)),
+            k: (per_heads(&cos, kv_heads), per_heads(&sin, kv_heads)),
+            rot: Tensor::from_data(TensorData::new(rot, [hd, hd]), dev),
+        }
     }
 
-    /// Rotate `x` (`[batch, heads, seq, head_dim]`) by the angles in `cos`/`sin`.
+    /// Rotate the projections `x` (`[batch, seq, heads * head_dim]`) by the angles in
+    /// `(cos, sin)` (one of [`RopeTables`]' pairs).
     pub fn apply<B: Backend>(
-        x: Tensor<B, 4>,
-        cos: &Tensor<B, 4>,
-        sin: &Tensor<B, 4>,
-    ) -> Tensor<B, 4> {
-        let hd = x.dims()[3];
-        let rot = cos.dims()[3];
-        let (x_rot, x_pass) = if rot < hd {
-            (
-                x.clone().narrow(3, 0, rot),
-                Some(x.narrow(3, rot, hd - rot)),
-            )
-        } else {
-            (x, None)
-        };
-        let half = rot / 2;
-        let x1 = x_rot.clone().narrow(3, 0, half);
-        let x2 = x_rot.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        let out = x_rot * cos.clone() + rotated * sin.clone();
-        match x_pass {
-            Some(p) => Tensor::cat(vec![out, p], 3),
-            None => out,
-        }
+        x: Tensor<B, 3>,
+        (cos, sin): &(Tensor<B, 3>, Tensor<B, 3>),
+        rot: &Tensor<B, 2>,
+    ) -> Tensor<B, 3> {
+        let [b, s, width] = x.dims();
+        let hd = rot.dims()[0];
+        let rotated = x
+            .clone()
+            .reshape([b * s * (width / hd), hd])
+            .matmul(rot.clone())
+            .reshape([b, s, width]);
+        x * cos.clone() + rotated * sin.clone()
     }
 }
 
 /// Per-layer key/value cache for incremental decoding.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
     /// `(k, v)` per layer, each `[batch, kv_heads, cached_len, head_dim]`.
     layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
@@ -206,6 +232,14 @@ impl<B: Backend> KvCache<B> {
     pub fn len(&self) -> usize {
         self.layers
             .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    /// Number of cached positions of one layer.
+    pub fn len_at(&self, layer: usize) -> usize {
+        self.layers
+            .get(layer)
             .and_then(|l| l.as_ref())
             .map_or(0, |(k, _)| k.dims()[2])
     }
@@ -244,37 +278,23 @@ pub struct Attention<B: Backend> {
 impl<B: Backend> Attention<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]`
-    /// - `cos`, `sin`: `[batch, 1, seq, rotary_dim]`
     /// - `mask`: `[batch, heads, seq, kv_len]`, `true` = may not attend
     /// - returns `[batch, seq, hidden]`
     fn forward(
         &self,
         x: Tensor<B, 3>,
-        cos: &Tensor<B, 4>,
-        sin: &Tensor<B, 4>,
+        rope: &RopeTables<B>,
         mask: Tensor<B, 4, Bool>,
         cache: Option<(&mut KvCache<B>, usize)>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        // [batch, seq, heads, head_dim] -> [batch, heads, seq, head_dim]
-        let q = self
-            .q_proj
-            .forward(x.clone())
-            .reshape([b, s, h, hd])
-            .swap_dims(1, 2);
-        let k = self
-            .k_proj
-            .forward(x.clone())
-            .reshape([b, s, kvh, hd])
-            .swap_dims(1, 2);
-        let v = self
-            .v_proj
-            .forward(x)
-            .reshape([b, s, kvh, hd])
-            .swap_dims(1, 2);
-        let q = Rope::apply(q, cos, sin);
-        let k = Rope::apply(k, cos, sin);
+        // RoPE on the projections, then [batch, seq, heads, head_dim] -> [batch, heads, seq, head_dim]
+        let q = Rope::apply(self.q_proj.forward(x.clone()), &rope.q, &rope.rot);
+        let k = Rope::apply(self.k_proj.forward(x.clone()), &rope.k, &rope.rot);
+        let q = q.reshape([b, s, h, hd]).swap_dims(1, 2);
+        let k = k.reshape([b, s, kvh, hd]).swap_dims(1, 2);
+        let v = self.v_proj.forward(x).reshape([b, s, kvh, hd]).swap_dims(1, 2);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
@@ -295,7 +315,7 @@ fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
     }
     let [b, kvh, len, hd] = x.dims();
     x.unsqueeze_dim::<5>(2)
-        .expand([b, kvh, n_rep, len, hd])
+        .repeat_dim(2, n_rep)
         .reshape([b, kvh * n_rep, len, hd])
 }
 
@@ -342,14 +362,13 @@ impl<B: Backend> Block<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
-        cos: &Tensor<B, 4>,
-        sin: &Tensor<B, 4>,
+        rope: &RopeTables<B>,
         mask: Tensor<B, 4, Bool>,
         cache: Option<(&mut KvCache<B>, usize)>,
     ) -> Tensor<B, 3> {
         let attn = self
             .attn
-            .forward(self.input_norm.forward(x.clone()), cos, sin, mask, cache);
+            .forward(self.input_norm.forward(x.clone()), rope, mask, cache);
         if self.parallel_residual {
             // GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
             let mlp = self.mlp.forward(self.post_attn_norm.forward(x.clone()));
@@ -439,8 +458,11 @@ impl Padding {
     ) -> Tensor<B, 4, Bool> {
         let b = self.batch();
         let kv = start + len;
-        let mut m = Vec::with_capacity(b * len * kv);
+        // Built per head on the host: an `expand`ed mask costs a slow strided copy inside the
+        // attention kernel of some backends (flex).
+        let mut m = Vec::with_capacity(b * heads * len * kv);
         for row in &self.valid {
+            let tile = m.len();
             for qi in 0..len {
                 let q = start + qi;
                 for (k, &valid) in row.iter().enumerate().take(kv) {
@@ -448,9 +470,11 @@ impl Padding {
                     m.push(k > q || (!valid && k != q));
                 }
             }
+            for _ in 1..heads {
+                m.extend_from_within(tile..tile + len * kv);
+            }
         }
-        Tensor::<B, 4, Bool>::from_data(TensorData::new(m, [b, 1, len, kv]), dev)
-            .expand([b, heads, len, kv])
+        Tensor::<B, 4, Bool>::from_data(TensorData::new(m, [b, heads, len, kv]), dev)
     }
 }
 
@@ -708,20 +732,55 @@ impl<B: Backend> CausalLm<B> {
         &self,
         tokens: Tensor<B, 2, Int>,
         padding: &Padding,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let x = self.embed(tokens);
+        let x = self.forward_layers(x, padding, 0..self.layers.len(), cache);
+        self.norm.forward(x)
+    }
+
+    /// Token embeddings: the residual stream entering layer 0.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]` -> `[batch, seq, hidden]`
+    pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        embedding(self.embed_tokens.val(), tokens)
+    }
+
+    /// Run the residual stream `x` through the blocks `layers` (no final norm). `x` occupies the
+    /// last `seq` positions of `padding`; a `cache` holds the earlier ones (indexed by absolute
+    /// layer number). Running `0..k` and then `k..L` on the result equals running `0..L`, which is
+    /// what lets a trainer cache the frozen lower layers' output exactly.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
+    pub fn forward_layers(
+        &self,
+        x: Tensor<B, 3>,
+        padding: &Padding,
+        layers: std::ops::Range<usize>,
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
-        let dev = tokens.device();
-        let [_, s] = tokens.dims();
+        let dev = x.device();
+        let [_, s, _] = x.dims();
         let start = padding.len() - s;
-        debug_assert_eq!(cache.as_ref().map_or(0, |c| c.len()), start);
-        let (cos, sin) = self.rope.cos_sin::<B>(&padding.positions(start, s), &dev);
+        debug_assert!(
+            layers.is_empty() || cache.as_ref().is_none_or(|c| c.len_at(layers.start) == start),
+            "cache length does not match the padding"
+        );
+        let rope = self.rope.tables::<B>(
+            &padding.positions(start, s),
+            self.config.num_heads,
+            self.config.num_kv_heads,
+            &dev,
+        );
         let mask = padding.attention_mask::<B>(start, s, self.config.num_heads, &dev);
-        let mut x = embedding(self.embed_tokens.val(), tokens);
-        for (i, layer) in self.layers.iter().enumerate() {
+        let mut x = x;
+        for i in layers {
             let c = cache.as_deref_mut().map(|c| (c, i));
-            x = layer.forward(x, &cos, &sin, mask.clone(), c);
+            x = self.layers[i].forward(x, &rope, mask.clone(), c);
         }
-        self.norm.forward(x)
+        x
     }
 
     /// Project hidden states to vocabulary logits.

@@ -67,19 +67,32 @@ impl<B: Backend> RewardModel<B> {
     /// # Shapes
     /// - `tokens`: `[batch, seq]`; `padding` must be `batch x seq`
     pub fn forward(&self, tokens: Tensor<B, 2, Int>, padding: &Padding) -> RewardOutput<B> {
-        let hidden = self.backbone.forward_hidden(tokens, padding, None);
-        let [b, _, d] = hidden.dims();
-        let last: Vec<i64> = padding
-            .valid
-            .iter()
-            .map(|row| row.iter().rposition(|&v| v).unwrap_or(0) as i64)
-            .collect();
-        let dev = hidden.device();
-        // [batch] -> [batch, 1, hidden] gather index along seq.
-        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(last, [b]), &dev)
-            .reshape([b, 1, 1])
-            .expand([b, 1, d]);
-        let last_hidden = hidden.gather(1, idx).reshape([b, d]);
+        let x = self.backbone.embed(tokens);
+        self.forward_from_layer(x, padding, 0)
+    }
+
+    /// Rewards from the residual stream `x` entering block `layer` (the output of blocks
+    /// `0..layer`, e.g. cached from a frozen lower body). `layer == num_layers` means `x` is the
+    /// last block's output and only the final norm and `phi` remain.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`; `padding` must be `batch x seq`
+    pub fn forward_from_layer(
+        &self,
+        x: Tensor<B, 3>,
+        padding: &Padding,
+        layer: usize,
+    ) -> RewardOutput<B> {
+        let n = self.backbone.layers.len();
+        let x = self.backbone.forward_layers(x, padding, layer..n, None);
+        // The final norm is per token: apply it at the last real token only.
+        let last = gather_last(x, padding);
+        let [b, d] = last.dims();
+        let last_hidden = self
+            .backbone
+            .norm
+            .forward(last.reshape([b, 1, d]))
+            .reshape([b, d]);
         RewardOutput {
             rewards: self.score_hidden(last_hidden.clone()),
             last_hidden,
@@ -145,4 +158,29 @@ impl<B: Backend> RewardModel<B> {
         }
         Ok(())
     }
+}
+
+/// Index of each row's last real token.
+pub fn last_positions(padding: &Padding) -> Vec<usize> {
+    padding
+        .valid
+        .iter()
+        .map(|row| row.iter().rposition(|&v| v).unwrap_or(0))
+        .collect()
+}
+
+/// `x[b, last_b, :]` for each row's last real token.
+///
+/// # Shapes
+/// - `x`: `[batch, seq, hidden]` -> `[batch, hidden]`
+pub fn gather_last<B: Backend>(x: Tensor<B, 3>, padding: &Padding) -> Tensor<B, 2> {
+    let [b, _, d] = x.dims();
+    let last: Vec<i64> = last_positions(padding)
+        .into_iter()
+        .map(|i| i as i64)
+        .collect();
+    let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(last, [b]), &x.device())
+        .reshape([b, 1, 1])
+        .expand([b, 1, d]);
+    x.gather(1, idx).reshape([b, d])
 }

@@ -6,7 +6,13 @@ use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::{Int, Tensor, TensorData};
 use r2m_core::loss::bradley_terry_loss;
+use r2m_data::TokenizedPair;
 use r2m_models::{load_hf_dir, Padding, RewardModel};
+use r2m_rl::reward_training::score_pairs;
+use r2m_rl::{
+    evaluate_rm, frozen_features, train_reward_model, PairInputs, RmOutputs, RmTrainConfig,
+    Trainable,
+};
 
 use crate::common::*;
 
@@ -113,4 +119,157 @@ fn tiny_reward_model_overfits_16_pairs() {
         "accuracy before {before}, after {after}; losses {losses:?}"
     );
     assert!(losses.last().unwrap() < &0.1, "{losses:?}");
+}
+
+/// 16 pairs of random token rows that share a prompt, as the tokenizer would produce them.
+fn random_pairs(n: usize, vocab: u32, seed: u64) -> Vec<TokenizedPair> {
+    let mut s = seed;
+    let mut next = move || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((s >> 33) % vocab as u64) as u32
+    };
+    (0..n)
+        .map(|i| TokenizedPair {
+            prompt: (0..3 + i % 5).map(|_| next()).collect(),
+            chosen: (0..2 + i % 3).map(|_| next()).collect(),
+            rejected: (0..1 + i % 4).map(|_| next()).collect(),
+            line: i + 1,
+            truncated: false,
+        })
+        .collect()
+}
+
+/// Rewards of `prompt ++ reply` computed the plain way: each sequence alone, full forward.
+fn plain_rewards(rm: &RewardModel<TB>, pairs: &[TokenizedPair]) -> (Vec<f32>, Vec<f32>) {
+    let one = |ids: Vec<u32>| {
+        let (t, p) = right_padded::<TB>(&[ids], &device());
+        to_vec(rm.forward(t, &p).rewards)[0]
+    };
+    (
+        pairs.iter().map(|p| one(p.chosen_ids())).collect(),
+        pairs.iter().map(|p| one(p.rejected_ids())).collect(),
+    )
+}
+
+#[test]
+fn frozen_features_with_a_shared_prompt_are_exact() {
+    let rm = tiny_rm::<TB>(&device());
+    let vocab = rm.backbone.config.vocab_size as u32;
+    let pairs = random_pairs(12, vocab, 7);
+    let (want_c, want_r) = plain_rewards(&rm, &pairs);
+    let n = rm.backbone.layers.len();
+    // A small budget forces several batches of mixed lengths.
+    for (upto, last_only) in [(n, true), (n - 1, false), (0, false)] {
+        let feats = frozen_features(&rm.backbone, &pairs, upto, last_only, 40, "test");
+        let inputs = PairInputs::Features {
+            pairs: &pairs,
+            features: &feats,
+            layer: upto,
+        };
+        let (c, r) = score_pairs(&rm, inputs, 40);
+        assert!(
+            max_abs_diff(&c, &want_c) < 1e-4,
+            "upto {upto}: {c:?} vs {want_c:?}"
+        );
+        assert!(
+            max_abs_diff(&r, &want_r) < 1e-4,
+            "upto {upto}: {r:?} vs {want_r:?}"
+        );
+    }
+    let (c, r) = score_pairs(&rm, PairInputs::Tokens(&pairs), 40);
+    assert!(max_abs_diff(&c, &want_c) < 1e-4 && max_abs_diff(&r, &want_r) < 1e-4);
+}
+
+#[test]
+fn train_rm_fits_16_pairs_in_every_trainable_setting_and_saves() {
+    type AB = Autodiff<TB>;
+    let rm0 = tiny_rm::<AB>(&device());
+    let vocab = rm0.backbone.config.vocab_size as u32;
+    let pairs = random_pairs(16, vocab, 99);
+    for (trainable, lr, epochs) in [(Trainable::Top(1), 3e-3, 40), (Trainable::All, 3e-3, 40)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = RmTrainConfig {
+            trainable,
+            epochs,
+            lr,
+            warmup_ratio: 0.0,
+            token_budget: 64,
+            ..RmTrainConfig::default()
+        };
+        let (rm, summary) = train_reward_model(
+            tiny_rm::<AB>(&device()),
+            &pairs,
+            &pairs,
+            &cfg,
+            RmOutputs {
+                dir: tmp.path(),
+                tokenizer: None,
+            },
+        )
+        .unwrap();
+        let after = summary.eval_after.as_ref().unwrap();
+        assert_eq!(after.accuracy, 1.0, "{trainable}: {after}");
+        assert!(after.loss < summary.eval_before.as_ref().unwrap().loss);
+        // One metrics line per optimizer step.
+        let metrics = std::fs::read_to_string(tmp.path().join("metrics.jsonl")).unwrap();
+        assert_eq!(metrics.lines().count(), summary.steps, "{trainable}");
+        // The saved RM scores what the trained one scores.
+        let saved = RewardModel::<TB>::load_hf_dir(tmp.path(), &device()).unwrap();
+        let (c0, r0) = plain_rewards(&rm.valid(), &pairs);
+        let (c1, r1) = plain_rewards(&saved, &pairs);
+        assert!(max_abs_diff(&c0, &c1) < 1e-5 && max_abs_diff(&r0, &r1) < 1e-5);
+        let e = evaluate_rm(&saved, &pairs, 64);
+        assert_eq!(e.accuracy, 1.0, "{e}");
+        if trainable == Trainable::Top(1) {
+            // Only the top block, the final norm and the head moved.
+            let before = tiny_rm::<TB>(&device());
+            let w = |m: &RewardModel<TB>, l: usize| {
+                to_vec(m.backbone.layers[l].mlp.down_proj.weight.val())
+            };
+            assert_eq!(w(&before, 0), w(&saved, 0));
+            assert!(max_abs_diff(&w(&before, 1), &w(&saved, 1)) > 1e-4);
+        }
+    }
+}
+
+#[test]
+fn head_only_training_moves_only_the_head() {
+    type AB = Autodiff<TB>;
+    let vocab = tiny_rm::<TB>(&device()).backbone.config.vocab_size as u32;
+    let pairs = random_pairs(16, vocab, 5);
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = RmTrainConfig {
+        trainable: Trainable::Head,
+        epochs: 30,
+        lr: 1e-2,
+        token_budget: 64,
+        ..RmTrainConfig::default()
+    };
+    let (rm, s) = train_reward_model(
+        tiny_rm::<AB>(&device()),
+        &pairs,
+        &pairs,
+        &cfg,
+        RmOutputs {
+            dir: tmp.path(),
+            tokenizer: None,
+        },
+    )
+    .unwrap();
+    let (before, after) = (s.eval_before.unwrap(), s.eval_after.unwrap());
+    assert!(after.loss < before.loss - 0.05, "{before} -> {after}");
+    let b = tiny_rm::<TB>(&device());
+    let rm = rm.valid();
+    assert_eq!(
+        to_vec(b.backbone.norm.weight.val()),
+        to_vec(rm.backbone.norm.weight.val())
+    );
+    assert!(
+        max_abs_diff(
+            &to_vec(b.score.weight.val()),
+            &to_vec(rm.score.weight.val())
+        ) > 1e-3
+    );
 }

@@ -1,0 +1,226 @@
+//! `r2m train-rm` and `r2m eval-rm`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use r2m_core::{R2mError, Result};
+use r2m_data::{read_preferences, tokenize_pairs, train_eval_split, ReadOptions, TokenizedPair};
+use r2m_models::{load_model, RewardModel, Tokenizer};
+use r2m_rl::{evaluate_rm, train_reward_model, RmOutputs, RmTrainConfig, Trainable};
+
+use crate::backends::BackendTask;
+
+/// Which pairs of a file to use: the seeded split shared by `train-rm` and `eval-rm`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DataArgs {
+    /// Preference pairs: `.jsonl` or `.jsonl.gz` (HH-RLHF or `{prompt, chosen, rejected}`).
+    #[arg(long)]
+    data: PathBuf,
+    /// Skip bad lines (counted and reported) instead of stopping at the first one.
+    #[arg(long)]
+    skip_bad: bool,
+    /// Hold out this many pairs of `--data` (seeded shuffle) for evaluation.
+    #[arg(long, default_value_t = 0)]
+    eval_count: usize,
+    /// Seed of the train/eval split.
+    #[arg(long, default_value_t = 0)]
+    split_seed: u64,
+    /// Longest sequence in tokens (prompt + reply); see the truncation policy in the README.
+    #[arg(long, default_value_t = 512)]
+    max_len: usize,
+}
+
+impl DataArgs {
+    /// Read and split; returns `(train, eval)` in the file's terms.
+    fn read(&self) -> Result<(Vec<r2m_data::PreferencePair>, Vec<r2m_data::PreferencePair>)> {
+        let opts = ReadOptions {
+            skip_bad: self.skip_bad,
+            limit: None,
+        };
+        let (pairs, report) = read_preferences(&self.data, opts)?;
+        eprintln!("{report}");
+        Ok(train_eval_split(pairs, self.eval_count, self.split_seed))
+    }
+}
+
+fn tokenize(
+    tok: &Tokenizer,
+    pairs: &[r2m_data::PreferencePair],
+    max_len: usize,
+    what: &str,
+    data: &Path,
+) -> Result<Vec<TokenizedPair>> {
+    let (out, report) = tokenize_pairs(tok, pairs, max_len)
+        .map_err(|e| R2mError::Other(format!("{}: {e}", data.display())))?;
+    eprintln!("{what}: {report} (max_len {max_len})");
+    Ok(out)
+}
+
+/// Load a reward model: an HF sequence-classification directory as it is, or any causal LM
+/// (`smollm2`, HF directory, GGUF) with a fresh scoring head.
+fn load_rm<B: Backend>(
+    spec: &str,
+    seed: u64,
+    device: &B::Device,
+) -> Result<(RewardModel<B>, Tokenizer)> {
+    let dir = Path::new(spec);
+    let cfg = dir.join("config.json");
+    let is_rm = std::fs::read_to_string(&cfg)
+        .map(|t| t.contains("ForSequenceClassification"))
+        .unwrap_or(false);
+    if is_rm {
+        let rm = RewardModel::load_hf_dir(dir, device)?;
+        let tok = Tokenizer::from_hf_dir(dir)?;
+        eprintln!("loaded reward model {spec}");
+        Ok((rm, tok))
+    } else {
+        let loaded = load_model::<B>(spec, device)?;
+        let tok = loaded.tokenizer()?.clone();
+        eprintln!("loaded {spec}; new scoring head (seed {seed})");
+        Ok((RewardModel::from_backbone(loaded.model, seed), tok))
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrainRmArgs {
+    /// Base model (`smollm2`, HF directory, .gguf) or an existing reward-model directory.
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Use only the first N training pairs of the split.
+    #[arg(long)]
+    train_count: Option<usize>,
+    /// Output directory: the final RM (HF layout), metrics.jsonl, eval.json, checkpoints.
+    #[arg(long)]
+    out: PathBuf,
+    /// What trains: `head`, `top:N` (top N blocks + final norm + head) or `all`.
+    #[arg(long, default_value = "top:2")]
+    trainable: String,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.05)]
+    warmup_ratio: f64,
+    /// The cosine decays to lr * this.
+    #[arg(long, default_value_t = 0.1)]
+    min_lr_ratio: f64,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Padded tokens per micro-batch (both replies of every pair).
+    #[arg(long, default_value_t = 4096)]
+    token_budget: usize,
+    /// Seed of the head initialisation and of batch order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Evaluate every N optimizer steps (0: at the end only).
+    #[arg(long, default_value_t = 0)]
+    eval_every: usize,
+    /// Checkpoint every N optimizer steps (0: at the end only).
+    #[arg(long, default_value_t = 0)]
+    save_every: usize,
+}
+
+pub struct TrainRmTask(pub TrainRmArgs);
+
+impl BackendTask for TrainRmTask {
+    fn run<B: Backend>(self, device: B::Device, backend: &str) -> Result<()> {
+        let a = self.0;
+        eprintln!("backend: {backend}");
+        let cfg = RmTrainConfig {
+            trainable: a.trainable.parse::<Trainable>()?,
+            epochs: a.epochs,
+            lr: a.lr,
+            warmup_ratio: a.warmup_ratio,
+            min_lr_ratio: a.min_lr_ratio,
+            weight_decay: a.weight_decay,
+            max_grad_norm: a.max_grad_norm,
+            grad_accum: a.grad_accum,
+            token_budget: a.token_budget,
+            seed: a.seed,
+            eval_every: a.eval_every,
+            save_every: a.save_every,
+        };
+        let (mut train, eval) = a.data.read()?;
+        if let Some(n) = a.train_count {
+            train.truncate(n);
+        }
+        let t0 = Instant::now();
+        let (rm, tok) = load_rm::<Autodiff<B>>(&a.model, a.seed, &device)?;
+        eprintln!("model loaded in {:.1}s", t0.elapsed().as_secs_f64());
+        let train = tokenize(&tok, &train, a.data.max_len, "train", &a.data.data)?;
+        let eval = tokenize(&tok, &eval, a.data.max_len, "eval", &a.data.data)?;
+        let out = RmOutputs {
+            dir: &a.out,
+            tokenizer: Some(&tok),
+        };
+        let (_, summary) = train_reward_model(rm, &train, &eval, &cfg, out)?;
+        eprintln!(
+            "{} steps; frozen features {:.0}s, training {:.0}s",
+            summary.steps, summary.feature_seconds, summary.train_seconds
+        );
+        if let Some(e) = &summary.eval_before {
+            println!("before: {e}");
+        }
+        if let Some(e) = &summary.eval_after {
+            println!("after:  {e}");
+        }
+        println!("saved {}", a.out.display());
+        Ok(())
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EvalRmArgs {
+    /// Reward-model directory (HF sequence-classification layout).
+    #[arg(long)]
+    rm: String,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Evaluate the held-out part of the split only (what `train-rm --eval-count` held out);
+    /// without it, every pair of `--data`.
+    #[arg(long)]
+    held_out_only: bool,
+    /// Padded tokens per batch.
+    #[arg(long, default_value_t = 4096)]
+    token_budget: usize,
+    /// Also write the metrics as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+pub struct EvalRmTask(pub EvalRmArgs);
+
+impl BackendTask for EvalRmTask {
+    fn run<B: Backend>(self, device: B::Device, backend: &str) -> Result<()> {
+        let a = self.0;
+        eprintln!("backend: {backend}");
+        let (rm, tok) = load_rm::<B>(&a.rm, 0, &device)?;
+        let (train, eval) = a.data.read()?;
+        let pairs = if a.held_out_only {
+            eval
+        } else {
+            train.into_iter().chain(eval).collect()
+        };
+        let pairs = tokenize(&tok, &pairs, a.data.max_len, "eval", &a.data.data)?;
+        let t0 = Instant::now();
+        let e = evaluate_rm(&rm, &pairs, a.token_budget);
+        eprintln!("scored in {:.1}s", t0.elapsed().as_secs_f64());
+        println!("{e}");
+        let json = serde_json::to_string(&e).expect("json");
+        println!("{json}");
+        if let Some(p) = &a.json {
+            std::fs::write(p, &json).map_err(|err| R2mError::io(p, err))?;
+        }
+        Ok(())
+    }
+}
