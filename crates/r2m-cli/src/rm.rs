@@ -8,7 +8,8 @@ use burn::tensor::backend::Backend;
 use r2m_core::{R2mError, Result};
 use r2m_data::{read_preferences, tokenize_pairs, train_eval_split, ReadOptions, TokenizedPair};
 use r2m_models::{load_model, RewardModel, Tokenizer};
-use r2m_rl::{evaluate_rm, train_reward_model, RmOutputs, RmTrainConfig, Trainable};
+use r2m_rl::reward_training::summarize;
+use r2m_rl::{rm_rewards, train_reward_model, RmOutputs, RmTrainConfig, Trainable};
 
 use crate::backends::BackendTask;
 
@@ -196,6 +197,10 @@ pub struct EvalRmArgs {
     /// Also write the metrics as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write one JSON line per pair (line, token ids, both rewards) to this file, e.g. for
+    /// `scripts/reference/check_rm.py check`.
+    #[arg(long)]
+    scores: Option<PathBuf>,
 }
 
 pub struct EvalRmTask(pub EvalRmArgs);
@@ -213,8 +218,24 @@ impl BackendTask for EvalRmTask {
         };
         let pairs = tokenize(&tok, &pairs, a.data.max_len, "eval", &a.data.data)?;
         let t0 = Instant::now();
-        let e = evaluate_rm(&rm, &pairs, a.token_budget);
+        let (chosen, rejected) = rm_rewards(&rm, &pairs, a.token_budget);
         eprintln!("scored in {:.1}s", t0.elapsed().as_secs_f64());
+        let e = summarize(&pairs, &chosen, &rejected);
+        if let Some(path) = &a.scores {
+            let mut text = String::new();
+            for (i, p) in pairs.iter().enumerate() {
+                let line = serde_json::json!({
+                    "line": p.line,
+                    "chosen_ids": p.chosen_ids(),
+                    "rejected_ids": p.rejected_ids(),
+                    "chosen": chosen[i],
+                    "rejected": rejected[i],
+                });
+                text.push_str(&line.to_string());
+                text.push('\n');
+            }
+            std::fs::write(path, text).map_err(|err| R2mError::io(path, err))?;
+        }
         println!("{e}");
         let json = serde_json::to_string(&e).expect("json");
         println!("{json}");

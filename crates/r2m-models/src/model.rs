@@ -294,7 +294,11 @@ impl<B: Backend> Attention<B> {
         let k = Rope::apply(self.k_proj.forward(x.clone()), &rope.k, &rope.rot);
         let q = q.reshape([b, s, h, hd]).swap_dims(1, 2);
         let k = k.reshape([b, s, kvh, hd]).swap_dims(1, 2);
-        let v = self.v_proj.forward(x).reshape([b, s, kvh, hd]).swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, s, kvh, hd])
+            .swap_dims(1, 2);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
@@ -765,7 +769,10 @@ impl<B: Backend> CausalLm<B> {
         let [_, s, _] = x.dims();
         let start = padding.len() - s;
         debug_assert!(
-            layers.is_empty() || cache.as_ref().is_none_or(|c| c.len_at(layers.start) == start),
+            layers.is_empty()
+                || cache
+                    .as_ref()
+                    .is_none_or(|c| c.len_at(layers.start) == start),
             "cache length does not match the padding"
         );
         let rope = self.rope.tables::<B>(

@@ -6,6 +6,6 @@
 pub mod reward_training;
 
 pub use reward_training::{
-    evaluate_rm, frozen_features, train_reward_model, PairFeatures, PairInputs, RmEval, RmOutputs,
-    RmTrainConfig, RmTrainSummary, Trainable,
+    evaluate_rm, frozen_features, rm_rewards, train_reward_model, PairFeatures, PairInputs, RmEval,
+    RmOutputs, RmTrainConfig, RmTrainSummary, Trainable,
 };

@@ -491,13 +491,13 @@ pub fn score_pairs<B: Backend>(
     (c, r)
 }
 
-/// Evaluate a reward model on tokenized pairs: the frozen-feature path, with each prompt encoded
-/// once for both replies.
-pub fn evaluate_rm<B: Backend>(
+/// Rewards of every pair's chosen and rejected sequence: the frozen-feature path, with each
+/// prompt encoded once for both replies.
+pub fn rm_rewards<B: Backend>(
     model: &RewardModel<B>,
     pairs: &[TokenizedPair],
     token_budget: usize,
-) -> RmEval {
+) -> (Vec<f32>, Vec<f32>) {
     let n = model.backbone.layers.len();
     let feats = frozen_features(&model.backbone, pairs, n, true, token_budget, "scoring");
     let inputs = PairInputs::Features {
@@ -505,7 +505,16 @@ pub fn evaluate_rm<B: Backend>(
         features: &feats,
         layer: n,
     };
-    let (c, r) = score_pairs(model, inputs, token_budget);
+    score_pairs(model, inputs, token_budget)
+}
+
+/// Evaluate a reward model on tokenized pairs (see [`rm_rewards`]).
+pub fn evaluate_rm<B: Backend>(
+    model: &RewardModel<B>,
+    pairs: &[TokenizedPair],
+    token_budget: usize,
+) -> RmEval {
+    let (c, r) = rm_rewards(model, pairs, token_budget);
     summarize(pairs, &c, &r)
 }
 

@@ -60,3 +60,39 @@ fn hh_rlhf_harmless_test_parses_to_2312_records() {
     let (train, eval) = train_eval_split(pairs, 308, 0);
     assert_eq!((train.len(), eval.len()), (2000, 308));
 }
+
+#[test]
+fn hh_pairs_tokenize_through_the_chat_template_with_the_truncation_policy() {
+    let tok = crate::common::smollm2().tokenizer().unwrap();
+    let opts = ReadOptions {
+        skip_bad: true,
+        limit: Some(3),
+    };
+    let (pairs, _) = read_preferences(&hh_path(), opts).unwrap();
+    let full = r2m_data::tokenize_pair(tok, &pairs[0], 4096).unwrap();
+    assert!(!full.truncated);
+    // The sequences are exactly the rendered chat, and the shared part ends where the replies do.
+    let mut msgs = pairs[0].prompt.clone();
+    msgs.push(ChatMessage::assistant(pairs[0].chosen.clone()));
+    let want = tok
+        .encode(&tok.apply_chat_template(&msgs, false).unwrap(), false)
+        .unwrap();
+    assert_eq!(full.chosen_ids(), want);
+    let prompt_text = tok.decode(&full.prompt, false).unwrap();
+    assert!(
+        prompt_text.ends_with("<|im_start|>assistant\n"),
+        "{prompt_text:?}"
+    );
+    assert!(tok
+        .decode(&full.chosen, false)
+        .unwrap()
+        .starts_with("No, sorry!"));
+    assert_ne!(full.chosen[0], full.rejected[0]);
+
+    // Truncated: the prompt keeps its most recent tokens, replies keep their start.
+    let cut = r2m_data::tokenize_pair(tok, &pairs[0], 48).unwrap();
+    assert!(cut.truncated && cut.max_len() <= 48, "{}", cut.max_len());
+    assert!(full.prompt.ends_with(&cut.prompt));
+    assert!(cut.prompt.len() >= 12);
+    assert!(full.chosen.starts_with(&cut.chosen) && full.rejected.starts_with(&cut.rejected));
+}

@@ -273,3 +273,23 @@ fn head_only_training_moves_only_the_head() {
         ) > 1e-3
     );
 }
+
+#[test]
+fn hf_sequence_classifier_checkpoint_scores_match_transformers() {
+    // Written by scripts/reference/check_rm.py fixture: transformers'
+    // LlamaForSequenceClassification, each sequence scored alone.
+    let fx = read_json("tiny/tiny-llama3-rm.json");
+    let rm = RewardModel::<TB>::load_hf_dir(&fixture_dir().join("tiny/tiny-llama3-rm"), &device())
+        .unwrap();
+    let seqs: Vec<Vec<u32>> = fx["sequences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids_of)
+        .collect();
+    let want = floats_of(&fx["rewards"]);
+    // Scored together, right-padded: padding must not change anything.
+    let (ids, pad) = right_padded::<TB>(&seqs, &device());
+    let got = to_vec(rm.forward(ids, &pad).rewards);
+    assert!(max_abs_diff(&got, &want) < 1e-4, "{got:?} vs {want:?}");
+}
