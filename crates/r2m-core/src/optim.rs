@@ -5,6 +5,7 @@
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::ElementConversion;
 use burn::tensor::Tensor;
 
 /// Linear warm-up from 0 to `peak` over `warmup` steps, then cosine decay to `peak * min_ratio`
@@ -51,8 +52,6 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
         }
     }
 }
-
-use burn::tensor::ElementConversion;
 
 /// The L2 norm of all of `module`'s gradients together.
 pub fn grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(

@@ -14,6 +14,7 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ElementConversion;
 use burn::tensor::{Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use r2m_core::loss::bradley_terry_loss;
@@ -674,7 +675,7 @@ pub fn train_reward_model<B: AutodiffBackend>(
     let t_train = Instant::now();
     let mut step = 0usize;
     let mut last_eval = eval_before.clone();
-    for epoch in 0..cfg.epochs {
+    for (epoch, &epoch_steps) in steps_per_epoch.iter().enumerate() {
         let batches = epoch_batches(epoch);
         for (k, group) in batches.chunks(accum).enumerate() {
             let step_pairs: usize = group.iter().map(Vec::len).sum();
@@ -700,7 +701,7 @@ pub fn train_reward_model<B: AutodiffBackend>(
             step += 1;
             let m = StepMetrics {
                 step,
-                epoch: epoch as f64 + (k + 1) as f64 / steps_per_epoch[epoch] as f64,
+                epoch: epoch as f64 + (k + 1) as f64 / epoch_steps as f64,
                 lr,
                 loss: loss_sum,
                 accuracy: correct as f64 / step_pairs as f64,
@@ -716,7 +717,7 @@ pub fn train_reward_model<B: AutodiffBackend>(
                 cfg.trainable, m.loss, m.accuracy
             ));
             pb.inc(1);
-            if cfg.eval_every > 0 && step % cfg.eval_every == 0 && step < total_steps {
+            if cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every) && step < total_steps {
                 last_eval = run_eval(&model);
                 if let Some(e) = &last_eval {
                     pb.println(format!("step {step}: eval {e}"));
@@ -724,7 +725,7 @@ pub fn train_reward_model<B: AutodiffBackend>(
                     writeln!(metrics, "{line}").map_err(|e| R2mError::io(&metrics_path, e))?;
                 }
             }
-            if cfg.save_every > 0 && step % cfg.save_every == 0 && step < total_steps {
+            if cfg.save_every > 0 && step.is_multiple_of(cfg.save_every) && step < total_steps {
                 let dir = out.dir.join(format!("checkpoint-{step}"));
                 model.valid().save_hf_dir(out.tokenizer, &dir)?;
                 pb.println(format!("saved {}", dir.display()));
@@ -753,8 +754,6 @@ pub fn train_reward_model<B: AutodiffBackend>(
     write_json(&out.dir.join("eval.json"), &summary)?;
     Ok((model, summary))
 }
-
-use burn::tensor::ElementConversion;
 
 #[cfg(test)]
 mod tests {

@@ -182,6 +182,25 @@ fn frozen_features_with_a_shared_prompt_are_exact() {
     assert!(max_abs_diff(&c, &want_c) < 1e-4 && max_abs_diff(&r, &want_r) < 1e-4);
 }
 
+/// Train the tiny RM on `pairs` (also the eval set) into a fresh temporary directory.
+fn train_tiny(
+    pairs: &[TokenizedPair],
+    cfg: &RmTrainConfig,
+) -> (
+    tempfile::TempDir,
+    RewardModel<Autodiff<TB>>,
+    r2m_rl::RmTrainSummary,
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = RmOutputs {
+        dir: tmp.path(),
+        tokenizer: None,
+    };
+    let (rm, summary) =
+        train_reward_model(tiny_rm::<Autodiff<TB>>(&device()), pairs, pairs, cfg, out).unwrap();
+    (tmp, rm, summary)
+}
+
 #[test]
 fn train_rm_fits_16_pairs_in_every_trainable_setting_and_saves() {
     type AB = Autodiff<TB>;
@@ -189,7 +208,6 @@ fn train_rm_fits_16_pairs_in_every_trainable_setting_and_saves() {
     let vocab = rm0.backbone.config.vocab_size as u32;
     let pairs = random_pairs(16, vocab, 99);
     for (trainable, lr, epochs) in [(Trainable::Top(1), 3e-3, 40), (Trainable::All, 3e-3, 40)] {
-        let tmp = tempfile::tempdir().unwrap();
         let cfg = RmTrainConfig {
             trainable,
             epochs,
@@ -198,17 +216,7 @@ fn train_rm_fits_16_pairs_in_every_trainable_setting_and_saves() {
             token_budget: 64,
             ..RmTrainConfig::default()
         };
-        let (rm, summary) = train_reward_model(
-            tiny_rm::<AB>(&device()),
-            &pairs,
-            &pairs,
-            &cfg,
-            RmOutputs {
-                dir: tmp.path(),
-                tokenizer: None,
-            },
-        )
-        .unwrap();
+        let (tmp, rm, summary) = train_tiny(&pairs, &cfg);
         let after = summary.eval_after.as_ref().unwrap();
         assert_eq!(after.accuracy, 1.0, "{trainable}: {after}");
         assert!(after.loss < summary.eval_before.as_ref().unwrap().loss);
@@ -236,10 +244,8 @@ fn train_rm_fits_16_pairs_in_every_trainable_setting_and_saves() {
 
 #[test]
 fn head_only_training_moves_only_the_head() {
-    type AB = Autodiff<TB>;
     let vocab = tiny_rm::<TB>(&device()).backbone.config.vocab_size as u32;
     let pairs = random_pairs(16, vocab, 5);
-    let tmp = tempfile::tempdir().unwrap();
     let cfg = RmTrainConfig {
         trainable: Trainable::Head,
         epochs: 30,
@@ -247,17 +253,7 @@ fn head_only_training_moves_only_the_head() {
         token_budget: 64,
         ..RmTrainConfig::default()
     };
-    let (rm, s) = train_reward_model(
-        tiny_rm::<AB>(&device()),
-        &pairs,
-        &pairs,
-        &cfg,
-        RmOutputs {
-            dir: tmp.path(),
-            tokenizer: None,
-        },
-    )
-    .unwrap();
+    let (_tmp, rm, s) = train_tiny(&pairs, &cfg);
     let (before, after) = (s.eval_before.unwrap(), s.eval_after.unwrap());
     assert!(after.loss < before.loss - 0.05, "{before} -> {after}");
     let b = tiny_rm::<TB>(&device());
