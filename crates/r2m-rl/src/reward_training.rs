@@ -238,7 +238,7 @@ pub fn frozen_features<B: Backend>(
                 );
             }
         }
-        let prompt_rows: Vec<Vec<f32>> = match (&prompt_hidden, last_only) {
+        let mut prompt_rows: Vec<Vec<f32>> = match (&prompt_hidden, last_only) {
             (Some(h), false) => {
                 let v: Vec<f32> = h
                     .clone()
@@ -265,7 +265,7 @@ pub fn frozen_features<B: Backend>(
                 }
             } else {
                 PairFeatures::Stream {
-                    prompt: prompt_rows[row].clone(),
+                    prompt: std::mem::take(&mut prompt_rows[row]),
                     chosen: c,
                     rejected: r,
                 }
