@@ -3,6 +3,7 @@
 mod backends;
 mod bench;
 mod rm;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,6 +49,8 @@ enum Command {
     TrainRm(rm::TrainRmArgs),
     /// Evaluate a reward model on preference pairs: accuracy, margin, length correlation.
     EvalRm(rm::EvalRmArgs),
+    /// Reinforcement learning on a policy (RLOO, GRPO, REINFORCE++, ReMax, PPO) from a TOML config.
+    Train(train::TrainArgs),
     /// Benchmarks (tokens/s), printed as text and one JSON line each.
     Bench(bench::BenchArgs),
 }
@@ -156,6 +159,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::TrainRm(a) => dispatch(cli.device, rm::TrainRmTask(a)),
         Command::EvalRm(a) => dispatch(cli.device, rm::EvalRmTask(a)),
+        Command::Train(a) => dispatch(cli.device, train::TrainTask(a)),
         Command::Bench(a) => bench::run(cli.device, a),
     }
 }

@@ -1,11 +1,25 @@
-//! r2m-rl: training loops.
+//! r2m-rl: reward-model training and the RL engine.
 //!
-//! - [`reward_training`]: Bradley-Terry reward-model training and evaluation, with the frozen
-//!   lower body computed once.
+//! - [`reward_training`]: Bradley-Terry reward-model training and evaluation;
+//! - [`config`]: the RL run configuration (TOML);
+//! - [`rollout`]: sampling, the old-policy and reference passes;
+//! - [`reward_fn`]: rewards behind one trait (learned RM, rules);
+//! - [`advantage`]: RLOO, GRPO, REINFORCE++, ReMax, GAE;
+//! - [`policy_loss`]: the clipped surrogate, KL estimators, entropy, aggregation;
+//! - [`trainer`]: the RL loop.
 
+pub mod advantage;
+pub mod config;
+pub mod policy_loss;
+pub mod reward_fn;
 pub mod reward_training;
+pub mod rollout;
+pub mod trainer;
 
+pub use config::RlConfig;
+pub use reward_fn::{LearnedRm, Prompt, RewardFn, RewardInput, RuleReward};
 pub use reward_training::{
     evaluate_rm, frozen_features, rm_rewards, train_reward_model, PairFeatures, PairInputs, RmEval,
     RmOutputs, RmTrainConfig, RmTrainSummary, Trainable,
 };
+pub use trainer::{train, PromptSampler, RlSummary, RlTrainer, StepMetrics};

@@ -9,3 +9,4 @@ mod data;
 mod errors;
 mod models;
 mod reward;
+mod rl;

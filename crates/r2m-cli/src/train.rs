@@ -1,0 +1,139 @@
+//! `r2m train --config run.toml`: RL on a policy with a learned or rule reward.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use r2m_core::{R2mError, Result};
+use r2m_data::{read_prompts, ReadOptions};
+use r2m_models::{load_model, Tokenizer};
+use r2m_rl::config::RewardKind;
+use r2m_rl::{train, LearnedRm, Prompt, RewardFn, RlConfig, RlTrainer, RuleReward};
+
+use crate::backends::BackendTask;
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// The run's TOML config (every key: `configs/rl-default.toml`).
+    #[arg(long)]
+    config: PathBuf,
+    /// Override `run.steps`.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Override `run.out`.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Override `run.seed`.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl TrainArgs {
+    fn config(&self) -> Result<RlConfig> {
+        let mut cfg = RlConfig::load(&self.config)?;
+        if let Some(s) = self.steps {
+            cfg.run.steps = s;
+        }
+        if let Some(o) = &self.out {
+            cfg.run.out = o.clone();
+        }
+        if let Some(s) = self.seed {
+            cfg.run.seed = s;
+        }
+        Ok(cfg)
+    }
+}
+
+/// Read the prompts of `cfg.data`, render them with the chat template (ending with the generation
+/// prompt) and drop those longer than `max_prompt_len` tokens.
+pub fn load_prompts(cfg: &RlConfig, tok: &Tokenizer) -> Result<Vec<Prompt>> {
+    let path: &Path = cfg
+        .data
+        .prompts
+        .as_deref()
+        .ok_or_else(|| R2mError::Config("data.prompts is required".into()))?;
+    let opts = ReadOptions {
+        skip_bad: cfg.data.skip_bad,
+        limit: cfg.data.limit,
+    };
+    let (convs, report) = read_prompts(path, opts)?;
+    eprintln!("{report}");
+    let mut out = Vec::with_capacity(convs.len());
+    let mut too_long = 0usize;
+    for messages in convs {
+        let text = tok.apply_chat_template(&messages, true)?;
+        let ids = tok.encode(&text, false)?;
+        if ids.len() > cfg.data.max_prompt_len {
+            too_long += 1;
+            continue;
+        }
+        out.push(Prompt {
+            ids,
+            messages: Some(messages),
+        });
+    }
+    eprintln!(
+        "{} prompts kept, {too_long} longer than data.max_prompt_len = {} skipped",
+        out.len(),
+        cfg.data.max_prompt_len
+    );
+    if out.is_empty() {
+        return Err(R2mError::Config(format!(
+            "{}: no prompt fits data.max_prompt_len = {}",
+            path.display(),
+            cfg.data.max_prompt_len
+        )));
+    }
+    Ok(out)
+}
+
+pub struct TrainTask(pub TrainArgs);
+
+impl BackendTask for TrainTask {
+    fn run<B: Backend>(self, device: B::Device, backend: &str) -> Result<()> {
+        let cfg = self.0.config()?;
+        eprintln!("backend: {backend}");
+        B::seed(&device, cfg.run.seed);
+        let t0 = Instant::now();
+        let loaded = load_model::<Autodiff<B>>(&cfg.model.policy, &device)?;
+        let tok = loaded.tokenizer()?.clone();
+        eprintln!(
+            "policy {} loaded in {:.1}s",
+            cfg.model.policy,
+            t0.elapsed().as_secs_f64()
+        );
+        let prompts = load_prompts(&cfg, &tok)?;
+        let mut reward: Box<dyn RewardFn> = match cfg.reward.kind {
+            RewardKind::Model => {
+                let dir = cfg.reward.model.as_deref().expect("validated");
+                Box::new(LearnedRm::<B>::load(dir, cfg.reward.token_budget, &device)?)
+            }
+            RewardKind::Rule => Box::new(
+                cfg.reward
+                    .rule
+                    .as_deref()
+                    .expect("validated")
+                    .parse::<RuleReward>()?,
+            ),
+        };
+        let out = cfg.run.out.clone();
+        let mut trainer = RlTrainer::new(loaded.model, Some(tok), cfg)?;
+        let summary = train(&mut trainer, &prompts, reward.as_mut(), Some(&out))?;
+        if let (Some(f), Some(l)) = (&summary.first, &summary.last) {
+            println!(
+                "{} steps in {:.0}s: reward {:+.4} -> {:+.4}, KL {:.4} -> {:.4}, length {:.1} -> {:.1}",
+                summary.steps,
+                summary.seconds,
+                f.reward_mean,
+                l.reward_mean,
+                f.kl,
+                l.kl,
+                f.response_len,
+                l.response_len
+            );
+        }
+        println!("wrote {}", out.display());
+        Ok(())
+    }
+}

@@ -1,0 +1,408 @@
+//! The RL run configuration (`r2m train --config run.toml`).
+//!
+//! Every section and key is optional except `data.prompts` and the reward; unknown keys are
+//! rejected with their name. `configs/rl-default.toml` in the repository lists every key with its
+//! default and meaning.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::advantage::AdvantageKind;
+use crate::policy_loss::{KlEstimator, KlMode, LossAgg};
+use r2m_core::{R2mError, Result};
+
+/// A whole RL run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RlConfig {
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub rollout: RolloutConfig,
+    pub reward: RewardSection,
+    pub algo: AlgoConfig,
+    pub optim: OptimConfig,
+    pub run: RunSection,
+}
+
+/// `[model]`: the policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    /// `smollm2`, an HF checkpoint directory, or a .gguf file. The reference policy is a frozen
+    /// copy of it.
+    pub policy: String,
+    /// What trains: `all`, or `top:N` (the top N blocks and the final norm; embeddings and LM
+    /// head stay frozen, and the frozen lower body runs once per rollout instead of once per
+    /// mini-batch). `head` is not valid for a policy.
+    pub trainable: String,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            policy: "smollm2".into(),
+            trainable: "all".into(),
+        }
+    }
+}
+
+/// `[data]`: where prompts come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataSection {
+    /// `.jsonl` / `.jsonl.gz`: `{"prompt": ...}` records or preference records (HH-RLHF or
+    /// prompt/chosen/rejected), whose prompts are used. Required.
+    pub prompts: Option<PathBuf>,
+    /// Prompts longer than this many tokens (after the chat template) are skipped and counted.
+    pub max_prompt_len: usize,
+    /// Skip malformed records (counted) instead of stopping at the first one.
+    pub skip_bad: bool,
+    /// Read at most this many records.
+    pub limit: Option<usize>,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            prompts: None,
+            max_prompt_len: 256,
+            skip_bad: true,
+            limit: None,
+        }
+    }
+}
+
+/// `[rollout]`: sampling (spec §3 steps 1-2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RolloutConfig {
+    /// n: prompts per RL step.
+    pub prompts_per_step: usize,
+    /// K: responses sampled per prompt.
+    pub samples_per_prompt: usize,
+    pub max_new_tokens: usize,
+    /// Sampling temperature (> 0). Log-probs in the loss use the same temperature.
+    pub temperature: f32,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    /// Rows generated in one batch.
+    pub generation_batch_size: usize,
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        Self {
+            prompts_per_step: 8,
+            samples_per_prompt: 4,
+            max_new_tokens: 64,
+            temperature: 0.7,
+            top_k: None,
+            top_p: None,
+            generation_batch_size: 64,
+        }
+    }
+}
+
+/// What scores a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RewardKind {
+    /// A learned reward model (`reward.model`).
+    Model,
+    /// A rule (`reward.rule`).
+    Rule,
+}
+
+/// `[reward]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RewardSection {
+    pub kind: RewardKind,
+    /// Reward-model directory (HF `*ForSequenceClassification` layout, e.g. `r2m train-rm`'s
+    /// output).
+    pub model: Option<PathBuf>,
+    /// A rule: `token-share:ID` (share of response tokens equal to token ID) or `length:N`
+    /// (`-|len - N| / N`).
+    pub rule: Option<String>,
+    /// Subtracted from the reward of a response that ends without EOS (cut at `max_new_tokens`).
+    pub missing_eos_penalty: Option<f32>,
+    /// Padded tokens per reward-model batch.
+    pub token_budget: usize,
+}
+
+impl Default for RewardSection {
+    fn default() -> Self {
+        Self {
+            kind: RewardKind::Model,
+            model: None,
+            rule: None,
+            missing_eos_penalty: None,
+            token_budget: 4096,
+        }
+    }
+}
+
+/// `[algo]`: advantages and the policy loss (spec §3 steps 5-6).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlgoConfig {
+    /// `rloo`, `grpo`, `reinforce++`, `remax` or `gae` (PPO with a value head).
+    pub advantage: AdvantageKind,
+    /// GRPO: divide by the group's standard deviation.
+    pub grpo_scale_by_std: bool,
+    /// GRPO: added to the standard deviation.
+    pub grpo_eps: f32,
+    /// GAE discount.
+    pub gamma: f32,
+    /// GAE lambda.
+    pub lambda: f32,
+    /// Whiten GAE advantages over the batch (REINFORCE++ always whitens).
+    pub whiten_advantages: bool,
+    /// Ratio clip: `[1 - clip_eps, 1 + clip_eps_high]`.
+    pub clip_eps: f32,
+    /// Upper clip; `clip_eps` when unset.
+    pub clip_eps_high: Option<f32>,
+    /// Dual clip constant c > 1 for negative advantages; off when unset.
+    pub dual_clip: Option<f32>,
+    /// `token-mean` or `seq-mean`.
+    pub loss_agg: LossAgg,
+    /// `k1`, `k2` or `k3`.
+    pub kl_estimator: KlEstimator,
+    /// `loss` (beta * KL in the loss) or `reward` (-beta * KL in each token's reward).
+    pub kl_mode: KlMode,
+    /// beta.
+    pub kl_coef: f64,
+    /// Adaptive KL (Ziegler et al. 2019): when set, beta moves so that the mean sequence KL
+    /// approaches this target.
+    pub kl_target: Option<f64>,
+    /// Adaptive KL horizon in samples.
+    pub kl_horizon: f64,
+    /// Entropy bonus coefficient (0: none).
+    pub entropy_coef: f64,
+    /// PPO: value clip range around the old values.
+    pub value_clip: f32,
+    /// PPO: critic learning rate.
+    pub critic_lr: f64,
+}
+
+impl Default for AlgoConfig {
+    fn default() -> Self {
+        Self {
+            advantage: AdvantageKind::Rloo,
+            grpo_scale_by_std: true,
+            grpo_eps: 1e-6,
+            gamma: 1.0,
+            lambda: 0.95,
+            whiten_advantages: true,
+            clip_eps: 0.2,
+            clip_eps_high: None,
+            dual_clip: None,
+            loss_agg: LossAgg::TokenMean,
+            kl_estimator: KlEstimator::K3,
+            kl_mode: KlMode::Loss,
+            kl_coef: 0.01,
+            kl_target: None,
+            kl_horizon: 10_000.0,
+            entropy_coef: 0.0,
+            value_clip: 0.2,
+            critic_lr: 1e-5,
+        }
+    }
+}
+
+/// `[optim]`: the policy update (spec §3 step 6).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Peak policy learning rate (AdamW 0.9 / 0.999 / 1e-8).
+    pub lr: f64,
+    /// Share of all optimizer steps spent warming up linearly.
+    pub warmup_ratio: f64,
+    /// The cosine decays to `lr * min_lr_ratio` (1.0: constant after warm-up).
+    pub min_lr_ratio: f64,
+    pub weight_decay: f64,
+    /// Global gradient-norm clip.
+    pub max_grad_norm: f64,
+    /// k: passes over each step's rollouts.
+    pub epochs: usize,
+    /// Sequences per optimizer step.
+    pub mini_batch_size: usize,
+    /// Sequences per forward/backward pass (gradients accumulate over a mini-batch).
+    pub micro_batch_size: usize,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-6,
+            warmup_ratio: 0.0,
+            min_lr_ratio: 1.0,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            epochs: 2,
+            mini_batch_size: 16,
+            micro_batch_size: 4,
+        }
+    }
+}
+
+/// `[run]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunSection {
+    /// T: RL steps.
+    pub steps: usize,
+    pub seed: u64,
+    /// Run directory.
+    pub out: PathBuf,
+    /// Responses per step written to `samples.jsonl`.
+    pub log_samples: usize,
+    /// Save the final policy as an HF directory `RUN/final/`.
+    pub save_final: bool,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        Self {
+            steps: 20,
+            seed: 0,
+            out: PathBuf::from("runs/rl"),
+            log_samples: 2,
+            save_final: true,
+        }
+    }
+}
+
+impl RlConfig {
+    /// Parse TOML text; `origin` names the source in errors.
+    pub fn from_toml_str(text: &str, origin: &Path) -> Result<Self> {
+        let cfg: Self = toml::from_str(text).map_err(|e| {
+            let msg = e.message().to_string();
+            let at = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start].matches('\n').count() + 1;
+                    format!(" (line {line})")
+                })
+                .unwrap_or_default();
+            R2mError::format(origin, format!("{msg}{at}"))
+        })?;
+        cfg.validate().map_err(|e| R2mError::format(origin, e))?;
+        Ok(cfg)
+    }
+
+    /// Read and check a TOML file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| R2mError::io(path, e))?;
+        Self::from_toml_str(&text, path)
+    }
+
+    /// The resolved config as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+
+    /// Check values serde cannot.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let r = &self.rollout;
+        let a = &self.algo;
+        let o = &self.optim;
+        if r.prompts_per_step == 0 || r.samples_per_prompt == 0 {
+            return Err(
+                "rollout.prompts_per_step and rollout.samples_per_prompt must be > 0".into(),
+            );
+        }
+        if matches!(a.advantage, AdvantageKind::Rloo) && r.samples_per_prompt < 2 {
+            return Err("algo.advantage = \"rloo\" needs rollout.samples_per_prompt >= 2".into());
+        }
+        if r.temperature <= 0.0 {
+            return Err("rollout.temperature must be > 0 (RL samples)".into());
+        }
+        if r.max_new_tokens == 0 {
+            return Err("rollout.max_new_tokens must be > 0".into());
+        }
+        if o.epochs == 0 || o.mini_batch_size == 0 || o.micro_batch_size == 0 {
+            return Err(
+                "optim.epochs, optim.mini_batch_size and optim.micro_batch_size must be > 0".into(),
+            );
+        }
+        if !(0.0..1.0).contains(&a.clip_eps) {
+            return Err(format!(
+                "algo.clip_eps must be in [0, 1), got {}",
+                a.clip_eps
+            ));
+        }
+        if a.dual_clip.is_some_and(|c| c <= 1.0) {
+            return Err("algo.dual_clip must be > 1".into());
+        }
+        if self.model.trainable == "head" {
+            return Err(
+                "model.trainable = \"head\" is not valid for a policy: use `all` or `top:N`".into(),
+            );
+        }
+        match self.reward.kind {
+            RewardKind::Model if self.reward.model.is_none() => {
+                return Err(
+                    "reward.kind = \"model\" needs reward.model (a reward-model directory)".into(),
+                )
+            }
+            RewardKind::Rule if self.reward.rule.is_none() => {
+                return Err("reward.kind = \"rule\" needs reward.rule".into())
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_through_toml() {
+        let cfg = RlConfig {
+            reward: RewardSection {
+                kind: RewardKind::Rule,
+                rule: Some("length:10".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let text = cfg.to_toml();
+        let back = RlConfig::from_toml_str(&text, Path::new("x.toml")).unwrap();
+        assert_eq!(cfg, back);
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_line() {
+        let text = "[rollout]\nsamples_per_prompt = 4\ntemprature = 0.7\n";
+        let e = RlConfig::from_toml_str(text, Path::new("run.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("temprature") && e.contains("run.toml") && e.contains("line 3"),
+            "{e}"
+        );
+        let e = RlConfig::from_toml_str("[algo]\nadvantage = \"ppo\"\n", Path::new("r.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ppo") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_are_explained() {
+        let e = RlConfig::from_toml_str(
+            "[rollout]\nsamples_per_prompt = 1\n[reward]\nkind = \"rule\"\nrule = \"length:5\"\n",
+            Path::new("r.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("samples_per_prompt >= 2"), "{e}");
+        let e = RlConfig::from_toml_str("", Path::new("r.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("reward.model"), "{e}");
+    }
+}

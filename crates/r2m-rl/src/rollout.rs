@@ -1,0 +1,337 @@
+//! Rollouts (spec §3 steps 1-3): sampling K responses per prompt from the policy snapshot, then
+//! one forward pass of the old policy for its log-probs and last-layer hidden states `h`, and one
+//! of the frozen reference for its log-probs.
+//!
+//! Layout: a rollout is one `[rows, P + R]` token grid, prompts left-padded to `P` columns and
+//! responses right-padded to `R`, as generation produced them. The forward pass reads columns
+//! `0..P+R-1` (the sequence without its last token); the logits at column `c` predict the token at
+//! `c + 1`, so response token `t` is predicted at column `P - 1 + t`.
+//!
+//! With a frozen lower body (`model.trainable = "top:N"`), the old-policy pass also keeps the
+//! residual stream entering the first trainable block: it is the same for every later forward
+//! pass of this step (the lower body never changes), so the reference and the training passes run
+//! only the top blocks.
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use r2m_core::tensor::gather_log_probs;
+use r2m_models::{CausalLm, Generation, Padding};
+
+use crate::reward_fn::{Prompt, RewardInput};
+
+/// Sampled responses with everything the update needs.
+pub struct Rollout<B: Backend> {
+    /// The step's prompts (n).
+    pub prompts: Vec<Prompt>,
+    /// K: row `i * k + j` is sample `j` of prompt `i`.
+    pub k: usize,
+    /// One per row.
+    pub responses: Vec<Generation>,
+    /// `[rows, P + R]` token ids (padding holds the pad id).
+    pub ids: Vec<i64>,
+    /// Which cells of the grid are real tokens.
+    pub padding: Padding,
+    /// P
+    pub prompt_cols: usize,
+    /// R
+    pub response_cols: usize,
+    /// `log pi_old(y_t)` per response token (at the sampling temperature).
+    pub old_logprobs: Vec<Vec<f32>>,
+    /// `log pi_ref(y_t)` per response token (same temperature).
+    pub ref_logprobs: Vec<Vec<f32>>,
+    /// The residual stream entering the first trainable block over the input columns,
+    /// `[rows, P + R - 1, hidden]` (only with a frozen lower body).
+    pub stream: Option<Tensor<B, 3>>,
+    /// `h`: the old policy's last-layer hidden states (after the final norm) over the input
+    /// columns, `[rows, P + R - 1, hidden]` (kept when requested, for R2M).
+    pub hidden: Option<Tensor<B, 3>>,
+    /// The critic's values per response token (PPO only).
+    pub values: Option<Vec<Vec<f32>>>,
+}
+
+/// The columns a forward pass over some rows needs: inputs `lo..hi - 1`, response targets `P..hi`.
+#[derive(Debug, Clone)]
+pub struct RowSlice {
+    pub rows: Vec<usize>,
+    pub lo: usize,
+    pub hi: usize,
+}
+
+impl<B: Backend> Rollout<B> {
+    /// Lay out `prompts` (n) and their `responses` (n * k, grouped by prompt) as one grid.
+    pub fn new(prompts: Vec<Prompt>, k: usize, responses: Vec<Generation>, pad: u32) -> Self {
+        assert_eq!(prompts.len() * k, responses.len(), "k responses per prompt");
+        let p = prompts.iter().map(|x| x.ids.len()).max().unwrap_or(0);
+        let r = responses
+            .iter()
+            .map(|g| g.tokens.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let rows = responses.len();
+        let mut ids = Vec::with_capacity(rows * (p + r));
+        let mut valid = Vec::with_capacity(rows);
+        for (row, g) in responses.iter().enumerate() {
+            let prompt = &prompts[row / k].ids;
+            let n_pad = p - prompt.len();
+            ids.extend(std::iter::repeat_n(pad as i64, n_pad));
+            ids.extend(prompt.iter().map(|&t| t as i64));
+            ids.extend(g.tokens.iter().map(|&t| t as i64));
+            ids.extend(std::iter::repeat_n(pad as i64, r - g.tokens.len()));
+            valid.push(
+                (0..p + r)
+                    .map(|c| c >= n_pad && c < p + g.tokens.len())
+                    .collect(),
+            );
+        }
+        Self {
+            prompts,
+            k,
+            responses,
+            ids,
+            padding: Padding { valid },
+            prompt_cols: p,
+            response_cols: r,
+            old_logprobs: Vec::new(),
+            ref_logprobs: Vec::new(),
+            stream: None,
+            hidden: None,
+            values: None,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.responses.len()
+    }
+
+    /// Response length (tokens) of `row`.
+    pub fn response_len(&self, row: usize) -> usize {
+        self.responses[row].tokens.len()
+    }
+
+    pub fn prompt_of(&self, row: usize) -> &Prompt {
+        &self.prompts[row / self.k]
+    }
+
+    /// What a reward function sees for each row.
+    pub fn reward_inputs(&self) -> Vec<RewardInput<'_>> {
+        self.responses
+            .iter()
+            .enumerate()
+            .map(|(row, g)| RewardInput {
+                prompt: self.prompt_of(row),
+                response: &g.tokens,
+                text: g.text.as_deref(),
+                finish: g.finish,
+            })
+            .collect()
+    }
+
+    /// The columns `rows` need (left columns that are padding in every row are dropped, and so
+    /// are right columns past the longest response).
+    pub fn slice(&self, rows: &[usize]) -> RowSlice {
+        let p = self.prompt_cols;
+        let lo = rows
+            .iter()
+            .map(|&r| p - self.prompt_of(r).ids.len())
+            .min()
+            .unwrap_or(0)
+            .min(p.saturating_sub(1));
+        let hi = p + rows
+            .iter()
+            .map(|&r| self.response_len(r))
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        RowSlice {
+            rows: rows.to_vec(),
+            lo,
+            hi,
+        }
+    }
+
+    /// The same rows over every column (how the old-policy pass runs, so that its stream and
+    /// hidden states cover the full grid).
+    pub fn full_slice(&self, rows: &[usize]) -> RowSlice {
+        RowSlice {
+            rows: rows.to_vec(),
+            lo: 0,
+            hi: self.prompt_cols + self.response_cols,
+        }
+    }
+
+    fn cols(&self) -> usize {
+        self.prompt_cols + self.response_cols
+    }
+
+    /// Input token ids `[rows, hi - 1 - lo]`.
+    pub fn input_ids<B2: Backend>(&self, s: &RowSlice, dev: &B2::Device) -> Tensor<B2, 2, Int> {
+        let w = s.hi - 1 - s.lo;
+        let c = self.cols();
+        let mut v = Vec::with_capacity(s.rows.len() * w);
+        for &r in &s.rows {
+            v.extend_from_slice(&self.ids[r * c + s.lo..r * c + s.hi - 1]);
+        }
+        Tensor::from_data(TensorData::new(v, [s.rows.len(), w]), dev)
+    }
+
+    /// Padding of the input columns.
+    pub fn input_padding(&self, s: &RowSlice) -> Padding {
+        Padding {
+            valid: s
+                .rows
+                .iter()
+                .map(|&r| self.padding.valid[r][s.lo..s.hi - 1].to_vec())
+                .collect(),
+        }
+    }
+
+    /// Response tokens `[rows, hi - P]` (targets of the log-probs).
+    pub fn targets<B2: Backend>(&self, s: &RowSlice, dev: &B2::Device) -> Tensor<B2, 2, Int> {
+        let (p, c) = (self.prompt_cols, self.cols());
+        let w = s.hi - p;
+        let mut v = Vec::with_capacity(s.rows.len() * w);
+        for &r in &s.rows {
+            v.extend_from_slice(&self.ids[r * c + p..r * c + s.hi]);
+        }
+        Tensor::from_data(TensorData::new(v, [s.rows.len(), w]), dev)
+    }
+
+    /// 1.0 at real response tokens, `[rows, hi - P]`.
+    pub fn response_mask<B2: Backend>(&self, s: &RowSlice, dev: &B2::Device) -> Tensor<B2, 2> {
+        let w = s.hi - self.prompt_cols;
+        let v: Vec<f32> = s
+            .rows
+            .iter()
+            .flat_map(|&r| {
+                let n = self.response_len(r);
+                (0..w).map(move |t| if t < n { 1.0 } else { 0.0 })
+            })
+            .collect();
+        Tensor::from_data(TensorData::new(v, [s.rows.len(), w]), dev)
+    }
+
+    /// Per-token host values of `rows` as `[rows, hi - P]`, zero-padded.
+    pub fn per_token<B2: Backend>(
+        &self,
+        s: &RowSlice,
+        values: &[Vec<f32>],
+        dev: &B2::Device,
+    ) -> Tensor<B2, 2> {
+        let w = s.hi - self.prompt_cols;
+        let mut v = Vec::with_capacity(s.rows.len() * w);
+        for &r in &s.rows {
+            v.extend_from_slice(&values[r]);
+            v.extend(std::iter::repeat_n(0.0, w - values[r].len()));
+        }
+        Tensor::from_data(TensorData::new(v, [s.rows.len(), w]), dev)
+    }
+
+    /// The cached stream for a slice, narrowed to its input columns.
+    pub fn stream_of(&self, s: &RowSlice) -> Option<Tensor<B, 3>> {
+        self.stream.as_ref().map(|st| {
+            let idx: Vec<i64> = s.rows.iter().map(|&r| r as i64).collect();
+            let idx =
+                Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [s.rows.len()]), &st.device());
+            st.clone().select(0, idx).narrow(1, s.lo, s.hi - 1 - s.lo)
+        })
+    }
+
+    /// Drop padding columns of host per-token values `[rows, hi - P]` into per-row vectors.
+    pub fn split_rows(&self, s: &RowSlice, flat: &[f32]) -> Vec<Vec<f32>> {
+        let w = s.hi - self.prompt_cols;
+        s.rows
+            .iter()
+            .enumerate()
+            .map(|(i, &r)| flat[i * w..i * w + self.response_len(r)].to_vec())
+            .collect()
+    }
+}
+
+/// Where a forward pass starts.
+pub enum Start<B: Backend> {
+    /// From token ids (the whole model runs).
+    Tokens(Tensor<B, 2, Int>),
+    /// From the cached residual stream entering block `layer`.
+    Stream(Tensor<B, 3>, usize),
+}
+
+/// Last-layer hidden states (after the final norm) of `model` over a slice's input columns.
+///
+/// # Shapes
+/// - returns `[rows, hi - 1 - lo, hidden]`
+pub fn final_hidden<B: Backend>(
+    model: &CausalLm<B>,
+    start: Start<B>,
+    padding: &Padding,
+) -> Tensor<B, 3> {
+    let n = model.layers.len();
+    let x = match start {
+        Start::Tokens(ids) => model.forward_layers(model.embed(ids), padding, 0..n, None),
+        Start::Stream(x, layer) => model.forward_layers(x, padding, layer..n, None),
+    };
+    model.norm.forward(x)
+}
+
+/// Hidden states at the columns that predict response tokens, `[rows, hi - P, hidden]`.
+pub fn response_hidden<B: Backend>(
+    hidden: Tensor<B, 3>,
+    s: &RowSlice,
+    prompt_cols: usize,
+) -> Tensor<B, 3> {
+    hidden.narrow(1, prompt_cols - 1 - s.lo, s.hi - prompt_cols)
+}
+
+/// Log-softmax of `logits / temperature` over the vocabulary and the log-prob of each target.
+///
+/// # Shapes
+/// - `response_hidden`: `[rows, r, hidden]`, `targets`: `[rows, r]` -> `([rows, r, vocab], [rows, r])`
+pub fn response_logprobs<B: Backend>(
+    model: &CausalLm<B>,
+    response_hidden: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+    temperature: f32,
+) -> (Tensor<B, 3>, Tensor<B, 2>) {
+    let logits = model.lm_head(response_hidden);
+    let logits = if temperature != 1.0 {
+        logits.div_scalar(temperature)
+    } else {
+        logits
+    };
+    let log_probs = log_softmax(logits, 2);
+    let logp = gather_log_probs_from_log_softmax(log_probs.clone(), targets);
+    (log_probs, logp)
+}
+
+fn gather_log_probs_from_log_softmax<B: Backend>(
+    log_probs: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+) -> Tensor<B, 2> {
+    log_probs
+        .gather(2, targets.unsqueeze_dim::<3>(2))
+        .squeeze_dim::<2>(2)
+}
+
+/// Log-probs of the response tokens of `rows` under `model` from token ids (the whole model),
+/// as per-row vectors. Used by tests and tools that need a plain recomputation.
+pub fn recompute_logprobs<B: Backend>(
+    model: &CausalLm<B>,
+    rollout: &Rollout<B>,
+    rows: &[usize],
+    temperature: f32,
+) -> Vec<Vec<f32>> {
+    let dev = model.device();
+    let s = rollout.slice(rows);
+    let hidden = final_hidden(
+        model,
+        Start::Tokens(rollout.input_ids::<B>(&s, &dev)),
+        &rollout.input_padding(&s),
+    );
+    let logits = model.lm_head(response_hidden(hidden, &s, rollout.prompt_cols));
+    let logp = gather_log_probs(
+        logits.div_scalar(temperature),
+        rollout.targets::<B>(&s, &dev),
+    );
+    let flat: Vec<f32> = logp.into_data().convert::<f32>().to_vec().expect("f32");
+    rollout.split_rows(&s, &flat)
+}

@@ -1,0 +1,303 @@
+//! The RL engine: log-prob parity between sampling and training, frozen blocks staying frozen,
+//! and RLOO / GRPO / PPO (and REINFORCE++, ReMax) raising a rule reward on a tiny random policy.
+
+use std::collections::HashMap;
+
+use burn::backend::Autodiff;
+use burn::module::AutodiffModule;
+use r2m_models::{load_gguf, load_hf_dir, CausalLm, ChatMessage};
+use r2m_rl::advantage::AdvantageKind;
+use r2m_rl::config::{RewardKind, RewardSection};
+use r2m_rl::rollout::recompute_logprobs;
+use r2m_rl::{Prompt, RlConfig, RlTrainer, RuleReward};
+
+use crate::common::*;
+
+type AB = Autodiff<TB>;
+
+fn tiny_policy() -> CausalLm<AB> {
+    load_hf_dir::<AB>(&fixture_dir().join("tiny/tiny-llama3"), &device())
+        .unwrap()
+        .model
+}
+
+/// `n` prompts of different lengths (BOS = 1).
+fn tiny_prompts(n: usize) -> Vec<Prompt> {
+    (0..n)
+        .map(|i| Prompt {
+            ids: std::iter::once(1)
+                .chain((0..2 + i % 3).map(|j| (10 + 7 * i + 3 * j) as u32))
+                .collect(),
+            messages: None,
+        })
+        .collect()
+}
+
+/// The token the tiny policy is rewarded for emitting.
+const TARGET: u32 = 42;
+
+fn rule_config(advantage: AdvantageKind, trainable: &str) -> RlConfig {
+    let mut cfg = RlConfig {
+        reward: RewardSection {
+            kind: RewardKind::Rule,
+            rule: Some(format!("token-share:{TARGET}")),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    cfg.model.trainable = trainable.into();
+    cfg.rollout.prompts_per_step = 4;
+    cfg.rollout.samples_per_prompt = 8;
+    cfg.rollout.max_new_tokens = 8;
+    cfg.rollout.temperature = 1.0;
+    cfg.algo.advantage = advantage;
+    cfg.algo.kl_coef = 0.001;
+    cfg.algo.critic_lr = 1e-2;
+    cfg.optim.lr = 1e-2;
+    cfg.optim.epochs = 2;
+    cfg.optim.mini_batch_size = 16;
+    cfg.optim.micro_batch_size = 8;
+    cfg.run.steps = 1000;
+    cfg
+}
+
+/// Weights by name, on the host.
+fn weights(model: &CausalLm<AB>) -> HashMap<String, Vec<f32>> {
+    model
+        .valid()
+        .to_weights()
+        .into_iter()
+        .map(|(n, t)| (n, t.data))
+        .collect()
+}
+
+#[test]
+fn sampled_logprobs_equal_the_old_policy_pass_and_a_recomputation() {
+    for trainable in ["all", "top:1"] {
+        let mut cfg = rule_config(AdvantageKind::Rloo, trainable);
+        cfg.rollout.temperature = 0.7;
+        cfg.rollout.samples_per_prompt = 3;
+        cfg.rollout.max_new_tokens = 12;
+        let trainer = RlTrainer::new(tiny_policy(), None, cfg).unwrap();
+        let (rollout, _) = trainer.rollout(tiny_prompts(3), 7).unwrap();
+        assert_eq!(rollout.rows(), 9);
+        let policy = trainer.policy.valid();
+        for row in 0..rollout.rows() {
+            let sampled = &rollout.responses[row].logprobs;
+            let old = &rollout.old_logprobs[row];
+            assert_eq!(sampled.len(), old.len());
+            let d = max_abs_diff(sampled, old);
+            assert!(d < 1e-4, "{trainable} row {row}: sampled vs old pass {d}");
+            // The reference is the same weights at step 0.
+            let d = max_abs_diff(old, &rollout.ref_logprobs[row]);
+            assert!(d < 1e-5, "{trainable} row {row}: old vs ref {d}");
+            // Alone, with its own padding, from token ids: the training path's numbers.
+            let alone = recompute_logprobs(&policy, &rollout, &[row], 0.7);
+            let d = max_abs_diff(&alone[0], old);
+            assert!(d < 1e-4, "{trainable} row {row}: recomputed vs old {d}");
+        }
+        // Responses of one prompt differ (sampling, not copies).
+        assert_ne!(rollout.responses[0].tokens, rollout.responses[1].tokens);
+    }
+}
+
+#[test]
+fn smollm2_sampled_logprobs_equal_the_old_policy_pass() {
+    let path = r2m_models::hub::fetch_smollm2(&mut |m| eprintln!("{m}")).unwrap();
+    let loaded = load_gguf::<AB>(&path, &device()).unwrap();
+    let tok = loaded.tokenizer.clone().unwrap();
+    let prompts: Vec<Prompt> = ["What is the capital of France?", "Name a fruit."]
+        .iter()
+        .map(|q| {
+            let messages = vec![ChatMessage::user(*q)];
+            let text = tok.apply_chat_template(&messages, true).unwrap();
+            Prompt {
+                ids: tok.encode(&text, false).unwrap(),
+                messages: Some(messages),
+            }
+        })
+        .collect();
+    let mut cfg = rule_config(AdvantageKind::Rloo, "top:2");
+    cfg.rollout.samples_per_prompt = 2;
+    cfg.rollout.max_new_tokens = 12;
+    cfg.rollout.temperature = 0.7;
+    let trainer = RlTrainer::new(loaded.model, Some(tok), cfg).unwrap();
+    let (rollout, _) = trainer.rollout(prompts, 3).unwrap();
+    for row in 0..rollout.rows() {
+        let d = max_abs_diff(&rollout.responses[row].logprobs, &rollout.old_logprobs[row]);
+        assert!(d < 1e-4, "row {row}: {d}");
+    }
+}
+
+#[test]
+fn top_n_training_leaves_the_frozen_part_untouched() {
+    let mut cfg = rule_config(AdvantageKind::Grpo, "top:1");
+    cfg.run.steps = 1;
+    let mut trainer = RlTrainer::new(tiny_policy(), None, cfg).unwrap();
+    let before = weights(&trainer.policy);
+    let mut reward = RuleReward::TokenShare(TARGET);
+    trainer.step(tiny_prompts(4), &mut reward).unwrap();
+    let after = weights(&trainer.policy);
+    let mut moved = Vec::new();
+    for (name, w) in &before {
+        if after[name] != *w {
+            moved.push(name.clone());
+        }
+    }
+    moved.sort();
+    assert!(!moved.is_empty(), "nothing trained");
+    for name in &moved {
+        assert!(
+            name.starts_with("model.layers.1.") || name == "model.norm.weight",
+            "{name} is frozen under top:1 but changed"
+        );
+    }
+    // The reference never moves.
+    let reference: HashMap<String, Vec<f32>> = trainer
+        .reference
+        .to_weights()
+        .into_iter()
+        .map(|(n, t)| (n, t.data))
+        .collect();
+    assert_eq!(reference, before);
+}
+
+/// Mean reward of the first step and of the last three, over `steps` seeded steps.
+fn learn(advantage: AdvantageKind, steps: usize, lr: f64) -> (f64, f64, Vec<f64>) {
+    let mut cfg = rule_config(advantage, "all");
+    cfg.optim.lr = lr;
+    let mut trainer = RlTrainer::new(tiny_policy(), None, cfg).unwrap();
+    let mut reward = RuleReward::TokenShare(TARGET);
+    let prompts = tiny_prompts(4);
+    let mut curve = Vec::new();
+    for _ in 0..steps {
+        let (m, _, _) = trainer.step(prompts.clone(), &mut reward).unwrap();
+        assert!(m.kl.is_finite() && m.grad_norm.is_finite());
+        curve.push(m.reward_mean);
+    }
+    let last = curve[steps - 3..].iter().sum::<f64>() / 3.0;
+    (curve[0], last, curve)
+}
+
+fn assert_learns(advantage: AdvantageKind, steps: usize, lr: f64) {
+    let (first, last, curve) = learn(advantage, steps, lr);
+    eprintln!("{advantage:?}: {curve:?}");
+    assert!(
+        last > first + 0.3 && last > 0.35,
+        "{advantage:?} did not raise the reward: {curve:?}"
+    );
+}
+
+#[test]
+fn rloo_raises_a_rule_reward() {
+    assert_learns(AdvantageKind::Rloo, 15, 1e-2);
+}
+
+#[test]
+fn grpo_raises_a_rule_reward() {
+    assert_learns(AdvantageKind::Grpo, 15, 1e-2);
+}
+
+#[test]
+fn ppo_with_gae_raises_a_rule_reward() {
+    assert_learns(AdvantageKind::Gae, 15, 1e-2);
+}
+
+#[test]
+fn reinforce_pp_and_remax_raise_a_rule_reward() {
+    assert_learns(AdvantageKind::ReinforcePp, 15, 1e-2);
+    assert_learns(AdvantageKind::Remax, 30, 3e-3);
+}
+
+#[test]
+fn example_configs_parse() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            // rl-default.toml leaves the required paths commented out.
+            let text = text
+                .replace("# prompts = ", "prompts = ")
+                .replace("# model = \"runs/rm\"", "model = \"runs/rm\"");
+            RlConfig::from_toml_str(&text, &path).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
+#[test]
+fn missing_eos_penalty_hits_only_responses_cut_at_max_length() {
+    let mut cfg = rule_config(AdvantageKind::Rloo, "all");
+    cfg.rollout.max_new_tokens = 3;
+    cfg.reward.missing_eos_penalty = Some(0.5);
+    let trainer = RlTrainer::new(tiny_policy(), None, cfg).unwrap();
+    // Token 2 is the tiny model's EOS: a rule that rewards length 1 everywhere.
+    let (rollout, _) = trainer.rollout(tiny_prompts(4), 1).unwrap();
+    let mut reward = RuleReward::Length(1);
+    let (raw, penalised) = trainer.score(&rollout, &mut reward).unwrap();
+    let mut cut = 0;
+    for (row, g) in rollout.responses.iter().enumerate() {
+        let ended = g.finish == r2m_models::generate::FinishReason::Eos;
+        assert_eq!(ended, g.tokens.last() == Some(&2));
+        let want = if ended { raw[row] } else { raw[row] - 0.5 };
+        assert_eq!(penalised[row], want);
+        cut += usize::from(!ended);
+    }
+    assert!(cut > 0, "no response hit the length limit");
+}
+
+#[test]
+fn train_writes_metrics_samples_and_a_loadable_final_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = rule_config(AdvantageKind::Rloo, "top:1");
+    cfg.run.steps = 3;
+    cfg.run.log_samples = 2;
+    cfg.algo.kl_target = Some(1.0);
+    let mut trainer = RlTrainer::new(tiny_policy(), None, cfg).unwrap();
+    let mut reward = RuleReward::TokenShare(TARGET);
+    let summary = r2m_rl::train(
+        &mut trainer,
+        &tiny_prompts(6),
+        &mut reward,
+        Some(dir.path()),
+    )
+    .unwrap();
+    assert_eq!(summary.steps, 3);
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for (i, m) in lines.iter().enumerate() {
+        assert_eq!(m["step"], i + 1);
+        for key in [
+            "reward_mean",
+            "kl",
+            "entropy",
+            "clip_frac",
+            "response_len",
+            "grad_norm",
+            "lr",
+            "time_generate",
+            "time_update",
+        ] {
+            assert!(m[key].as_f64().is_some_and(f64::is_finite), "{key} in {m}");
+        }
+    }
+    // The adaptive controller moved beta after step 1.
+    assert_ne!(lines[0]["kl_coef"], lines[2]["kl_coef"]);
+    let samples = std::fs::read_to_string(dir.path().join("samples.jsonl")).unwrap();
+    assert_eq!(samples.lines().count(), 6);
+    let back = RlConfig::load(&dir.path().join("config.toml")).unwrap();
+    assert_eq!(back, trainer.cfg);
+    // The final policy reloads with the trained weights.
+    let reloaded = load_hf_dir::<TB>(&dir.path().join("final"), &device())
+        .unwrap()
+        .model;
+    let trained = trainer.policy.valid();
+    assert_eq!(
+        to_vec(reloaded.layers[1].mlp.down_proj.weight.val()),
+        to_vec(trained.layers[1].mlp.down_proj.weight.val())
+    );
+}
