@@ -8,8 +8,8 @@ use burn::tensor::backend::Backend;
 use r2m_core::{R2mError, Result};
 use r2m_data::{read_prompts, ReadOptions};
 use r2m_models::{load_model, Tokenizer};
-use r2m_rl::config::RewardKind;
-use r2m_rl::{train, LearnedRm, Prompt, RewardFn, RlConfig, RlTrainer, RuleReward};
+use r2m_rl::config::{RewardKind, RmMethod};
+use r2m_rl::{train, LearnedRm, Prompt, R2mReward, RlConfig, RlTrainer, RolloutReward, RuleReward};
 
 use crate::backends::BackendTask;
 
@@ -104,10 +104,16 @@ impl BackendTask for TrainTask {
             t0.elapsed().as_secs_f64()
         );
         let prompts = load_prompts(&cfg, &tok)?;
-        let mut reward: Box<dyn RewardFn> = match cfg.reward.kind {
+        let mut reward: Box<dyn RolloutReward<B>> = match cfg.reward.kind {
             RewardKind::Model => {
                 let dir = cfg.reward.model.as_deref().expect("validated");
-                Box::new(LearnedRm::<B>::load(dir, cfg.reward.token_budget, &device)?)
+                let rm = LearnedRm::<B>::load(dir, cfg.reward.token_budget, &device)?;
+                if cfg.r2m.method == RmMethod::Vanilla {
+                    Box::new(rm)
+                } else {
+                    let d_p = loaded.model.config.hidden_size;
+                    Box::new(R2mReward::<Autodiff<B>>::new(rm, d_p, cfg.r2m.clone()))
+                }
             }
             RewardKind::Rule => Box::new(
                 cfg.reward

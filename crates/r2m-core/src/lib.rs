@@ -3,14 +3,14 @@
 //! - [`error`]: the one error type, with the file (and line or tensor) that went wrong;
 //! - [`tensor`]: small tensor helpers (masked mean, per-token log-prob gather);
 //! - [`loss`]: preference losses (Bradley-Terry);
-//! - [`optim`]: warm-up + cosine learning rate, global gradient-norm clipping.
-//!
-//! The R2M fusion head, the w(t) schedule and the GREBT loss will live here too
-//! (see `shared/r2m-method.md` §2-§3).
+//! - [`optim`]: warm-up + cosine learning rate, global gradient-norm clipping;
+//! - [`r2m`]: R2M itself: the fusion head, the w(t) schedule and the GREBT loss
+//!   (`shared/r2m-method.md` §2-§3).
 
 pub mod error;
 pub mod loss;
 pub mod optim;
+pub mod r2m;
 pub mod tensor;
 
 pub use error::{R2mError, Result};

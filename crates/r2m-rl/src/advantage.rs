@@ -237,7 +237,7 @@ mod tests {
     fn token_rewards_and_returns_by_hand() {
         let r = token_rewards(2.0, &[0.5, -1.0, 1.0], 0.1);
         close(&r, &[-0.05, 0.1, 1.9], 1e-6);
-        let g = returns_to_go(&[r.clone()], 1.0);
+        let g = returns_to_go(std::slice::from_ref(&r), 1.0);
         close(&g[0], &[1.95, 2.0, 1.9], 1e-6);
         let g = returns_to_go(&[r], 0.5);
         // 1.9; 0.1 + 0.95 = 1.05; -0.05 + 0.525 = 0.475

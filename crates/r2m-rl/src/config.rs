@@ -22,6 +22,7 @@ pub struct RlConfig {
     pub reward: RewardSection,
     pub algo: AlgoConfig,
     pub optim: OptimConfig,
+    pub r2m: R2mConfig,
     pub run: RunSection,
 }
 
@@ -247,6 +248,65 @@ impl Default for OptimConfig {
     }
 }
 
+/// Which reward the RL loop uses with a learned RM (spec §4: R2M and the paper's controls).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RmMethod {
+    /// The frozen RM: `r = phi(H_last)`.
+    Vanilla,
+    /// R2M: `r = phi(H_fin)` with the policy's hidden states, fusion head and `phi` trained
+    /// after every RL step with GREBT.
+    R2m,
+    /// Control: GREBT on the vanilla rewards (no feedback) updates `phi` only.
+    IterativeHead,
+    /// Control: the fusion head applied but never trained.
+    R2mNoTrain,
+    /// Control: `h` replaced by Gaussian noise of the same mean and variance.
+    R2mNoise,
+}
+
+/// `[r2m]`: the reward model's side of R2M (spec §2-§3). `alpha = 1` is the paper's "w/o BT",
+/// `alpha = 0` its "w/o GRE"; the "Pretrained RM" control is `vanilla` with an RM fine-tuned
+/// on gold pairs for the RL prompts (`r2m train-rm`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct R2mConfig {
+    /// `vanilla`, `r2m`, `iterative-head`, `r2m-no-train` or `r2m-noise`.
+    pub method: RmMethod,
+    /// Inner width d of the fusion head (unset: `min(2048, max(D_rm, D_p))`).
+    pub width: Option<usize>,
+    /// Omega, the floor of w(t).
+    pub omega: f64,
+    /// alpha: the GRE share of the GREBT loss.
+    pub alpha: f64,
+    /// RM learning rate (AdamW 0.9 / 0.999, no weight decay).
+    pub lr: f64,
+    /// RM optimizer steps after each RL step.
+    pub updates_per_step: usize,
+    /// Global gradient-norm clip of the RM update.
+    pub max_grad_norm: f64,
+    /// Start `W_o` at 0 (the paper starts it random, Xavier-uniform).
+    pub zero_init_output: bool,
+    /// Seed of the fusion head's initialisation and of the w/ Noise control.
+    pub seed: u64,
+}
+
+impl Default for R2mConfig {
+    fn default() -> Self {
+        Self {
+            method: RmMethod::Vanilla,
+            width: None,
+            omega: 0.7,
+            alpha: 0.3,
+            lr: 1e-6,
+            updates_per_step: 1,
+            max_grad_norm: 1.0,
+            zero_init_output: false,
+            seed: 0,
+        }
+    }
+}
+
 /// `[run]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -340,6 +400,12 @@ impl RlConfig {
             return Err(
                 "model.trainable = \"head\" is not valid for a policy: use `all` or `top:N`".into(),
             );
+        }
+        if self.r2m.method != RmMethod::Vanilla && self.reward.kind != RewardKind::Model {
+            return Err("r2m.method other than \"vanilla\" needs reward.kind = \"model\"".into());
+        }
+        if !(0.0..=1.0).contains(&self.r2m.alpha) || !(0.0..=1.0).contains(&self.r2m.omega) {
+            return Err("r2m.alpha and r2m.omega must be in [0, 1]".into());
         }
         match self.reward.kind {
             RewardKind::Model if self.reward.model.is_none() => {

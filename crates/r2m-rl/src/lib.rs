@@ -6,18 +6,21 @@
 //! - [`reward_fn`]: rewards behind one trait (learned RM, rules);
 //! - [`advantage`]: RLOO, GRPO, REINFORCE++, ReMax, GAE;
 //! - [`policy_loss`]: the clipped surrogate, KL estimators, entropy, aggregation;
+//! - [`r2m_reward`]: the R2M reward (fusion head + GREBT update) and the paper's controls;
 //! - [`trainer`]: the RL loop.
 
 pub mod advantage;
 pub mod config;
 pub mod policy_loss;
+pub mod r2m_reward;
 pub mod reward_fn;
 pub mod reward_training;
 pub mod rollout;
 pub mod trainer;
 
 pub use config::RlConfig;
-pub use reward_fn::{LearnedRm, Prompt, RewardFn, RewardInput, RuleReward};
+pub use r2m_reward::{R2mHead, R2mReward, RmUpdateStats};
+pub use reward_fn::{LearnedRm, Prompt, RewardFn, RewardInput, RolloutReward, RuleReward};
 pub use reward_training::{
     evaluate_rm, frozen_features, rm_rewards, train_reward_model, PairFeatures, PairInputs, RmEval,
     RmOutputs, RmTrainConfig, RmTrainSummary, Trainable,

@@ -13,6 +13,9 @@ use r2m_data::tokenize::encode_conversation;
 use r2m_models::generate::FinishReason;
 use r2m_models::{ChatMessage, Padding, RewardModel, Tokenizer};
 
+use crate::r2m_reward::RmUpdateStats;
+use crate::rollout::Rollout;
+
 /// A prompt for RL: its token ids (chat template applied, ending with the generation prompt)
 /// and, when it came from a conversation, the messages.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,6 +33,47 @@ pub struct RewardInput<'a> {
     /// The decoded response without special tokens (when the policy has a tokenizer).
     pub text: Option<&'a str>,
     pub finish: FinishReason,
+}
+
+/// What the RL loop asks of a reward: one score per rollout row, and a hook after the policy
+/// update (where R2M trains its head, [`crate::r2m_reward::R2mReward`]). Every [`RewardFn`] is
+/// one.
+pub trait RolloutReward<B: Backend> {
+    /// A short name for logs.
+    fn name(&self) -> String;
+    /// Whether rollouts must keep the policy's hidden states `h` (and refresh them in the final
+    /// epoch of the update).
+    fn wants_hidden(&self) -> bool {
+        false
+    }
+    /// One reward per row. `t` counts RL steps from 1; `total` is T.
+    fn score_rollout(&mut self, rollout: &Rollout<B>, t: usize, total: usize) -> Result<Vec<f32>>;
+    /// Called after the policy update with the rollout (its `hidden` refreshed) and the scores
+    /// [`RolloutReward::score_rollout`] gave it; that rollout is the last one the loop scored.
+    fn after_policy_update(
+        &mut self,
+        _rollout: &Rollout<B>,
+        _scores: &[f32],
+        _t: usize,
+        _total: usize,
+    ) -> Result<Option<RmUpdateStats>> {
+        Ok(None)
+    }
+}
+
+impl<B: Backend, R: RewardFn> RolloutReward<B> for R {
+    fn name(&self) -> String {
+        RewardFn::name(self)
+    }
+
+    fn score_rollout(
+        &mut self,
+        rollout: &Rollout<B>,
+        _t: usize,
+        _total: usize,
+    ) -> Result<Vec<f32>> {
+        self.score(&rollout.reward_inputs())
+    }
 }
 
 /// Scores sequences.
@@ -147,10 +191,26 @@ impl<B: Backend> LearnedRm<B> {
 
     /// Rewards of token sequences, batched by padded tokens.
     pub fn score_sequences(&self, seqs: &[Vec<u32>]) -> Vec<f32> {
+        let (rewards, _) = self.forward_sequences(seqs, false);
+        rewards
+    }
+
+    /// `H_last` (final-norm hidden state at the last token) of each sequence, `[n, hidden]`.
+    pub fn last_hidden(&self, seqs: &[Vec<u32>]) -> Tensor<B, 2> {
+        let (_, h) = self.forward_sequences(seqs, true);
+        h.expect("requested")
+    }
+
+    fn forward_sequences(
+        &self,
+        seqs: &[Vec<u32>],
+        keep_last: bool,
+    ) -> (Vec<f32>, Option<Tensor<B, 2>>) {
         let dev = self.model.backbone.device();
         let mut order: Vec<usize> = (0..seqs.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
         let mut out = vec![0f32; seqs.len()];
+        let (mut lasts, mut done) = (Vec::new(), Vec::new());
         for batch in batches_by_tokens(&order, |i| seqs[i].len(), 1, self.token_budget) {
             let s = batch.iter().map(|&i| seqs[i].len()).max().unwrap_or(1);
             let mut ids = Vec::with_capacity(batch.len() * s);
@@ -163,9 +223,8 @@ impl<B: Backend> LearnedRm<B> {
             }
             let tokens =
                 Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch.len(), s]), &dev);
-            let r: Vec<f32> = self
-                .model
-                .forward(tokens, &Padding { valid })
+            let o = self.model.forward(tokens, &Padding { valid });
+            let r: Vec<f32> = o
                 .rewards
                 .into_data()
                 .convert::<f32>()
@@ -174,8 +233,21 @@ impl<B: Backend> LearnedRm<B> {
             for (k, &i) in batch.iter().enumerate() {
                 out[i] = r[k];
             }
+            if keep_last {
+                lasts.push(o.last_hidden);
+                done.extend(batch);
+            }
         }
-        out
+        let last = keep_last.then(|| {
+            // Back to input order.
+            let mut pos = vec![0i64; seqs.len()];
+            for (k, &i) in done.iter().enumerate() {
+                pos[i] = k as i64;
+            }
+            let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(pos, [seqs.len()]), &dev);
+            Tensor::cat(lasts, 0).select(0, idx)
+        });
+        (out, last)
     }
 }
 

@@ -25,11 +25,15 @@ use crate::config::RlConfig;
 use crate::policy_loss::{
     aggregate, clipped_surrogate, entropy, kl_estimate, kl_estimate_host, Clip, KlMode, LossAgg,
 };
-use crate::reward_fn::{Prompt, RewardFn};
+use crate::r2m_reward::RmUpdateStats;
+use crate::reward_fn::{Prompt, RolloutReward};
 use crate::reward_training::Trainable;
 use crate::rollout::{final_hidden, response_hidden, response_logprobs, Rollout, RowSlice, Start};
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+
+/// One vector per response, one value per response token.
+pub type PerToken = Vec<Vec<f32>>;
 
 /// Metrics of one RL step (one line of `metrics.jsonl`).
 #[derive(Debug, Clone, Serialize)]
@@ -62,8 +66,13 @@ pub struct StepMetrics {
     pub time_logprobs: f64,
     pub time_reward: f64,
     pub time_update: f64,
+    /// The reward model's own update after the policy update (R2M).
+    pub time_rm_update: f64,
     pub time_step: f64,
     pub samples: usize,
+    /// The reward model's update (R2M and the controls that train a head).
+    #[serde(flatten)]
+    pub rm: Option<RmUpdateStats>,
 }
 
 /// Runs RL steps on a policy.
@@ -299,9 +308,9 @@ impl<B: AutodiffBackend> RlTrainer<B> {
     pub fn score(
         &self,
         rollout: &Rollout<Inner<B>>,
-        reward: &mut dyn RewardFn,
+        reward: &mut dyn RolloutReward<Inner<B>>,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let raw = reward.score(&rollout.reward_inputs())?;
+        let raw = reward.score_rollout(rollout, self.step + 1, self.cfg.run.steps)?;
         if let Some(i) = raw.iter().position(|r| !r.is_finite()) {
             return Err(R2mError::Other(format!(
                 "step {}: reward of sample {i} from {} is {}",
@@ -329,7 +338,7 @@ impl<B: AutodiffBackend> RlTrainer<B> {
         rollout: &Rollout<Inner<B>>,
         rewards: &[f32],
         greedy_rewards: Option<&[f32]>,
-    ) -> Result<(Vec<Vec<f32>>, Option<Vec<Vec<f32>>>)> {
+    ) -> Result<(PerToken, Option<PerToken>)> {
         let a = &self.cfg.algo;
         let k = rollout.k;
         let beta = self.kl_coef as f32;
@@ -427,9 +436,9 @@ impl<B: AutodiffBackend> RlTrainer<B> {
 
     /// The policy update (spec §3 step 6): `epochs` passes over the rollout in shuffled
     /// mini-batches. Returns the update's statistics.
-    fn update(
+    pub fn update(
         &mut self,
-        rollout: &Rollout<Inner<B>>,
+        rollout: &mut Rollout<Inner<B>>,
         adv: &[Vec<f32>],
         returns: Option<&[Vec<f32>]>,
         seed: u64,
@@ -449,6 +458,8 @@ impl<B: AutodiffBackend> RlTrainer<B> {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut st = UpdateStats::default();
         let rows = rollout.rows();
+        // The final epoch's hidden states `h'` (R2M), per micro-batch.
+        let mut fresh: Vec<(RowSlice, Tensor<Inner<B>, 3>)> = Vec::new();
         for epoch in 0..o.epochs {
             let mut order: Vec<usize> = (0..rows).collect();
             order.shuffle(&mut rng);
@@ -462,7 +473,15 @@ impl<B: AutodiffBackend> RlTrainer<B> {
                     let n_tok = mask.clone().sum().into_scalar().elem::<f32>() as f64;
                     let old = rollout.per_token::<B>(&s, &rollout.old_logprobs, &dev);
                     let advt = rollout.per_token::<B>(&s, adv, &dev);
-                    let hidden = Self::trunk(&self.policy, self.start_of(rollout, &s), rollout, &s);
+                    let full = final_hidden(
+                        &self.policy,
+                        self.start_of(rollout, &s),
+                        &rollout.input_padding(&s),
+                    );
+                    if self.keep_hidden && epoch + 1 == o.epochs {
+                        fresh.push((s.clone(), full.clone().detach().inner()));
+                    }
+                    let hidden = response_hidden(full, &s, rollout.prompt_cols);
                     let (log_probs, logp) = response_logprobs(
                         &self.policy,
                         hidden,
@@ -557,6 +576,9 @@ impl<B: AutodiffBackend> RlTrainer<B> {
                 st.lr = lr;
             }
         }
+        if !fresh.is_empty() {
+            rollout.hidden = Some(assemble_hidden(rollout, fresh));
+        }
         Ok(st)
     }
 
@@ -564,39 +586,49 @@ impl<B: AutodiffBackend> RlTrainer<B> {
     pub fn step(
         &mut self,
         prompts: Vec<Prompt>,
-        reward: &mut dyn RewardFn,
+        reward: &mut dyn RolloutReward<Inner<B>>,
     ) -> Result<(StepMetrics, Rollout<Inner<B>>, Vec<f32>)> {
         let t_step = Instant::now();
+        self.keep_hidden = reward.wants_hidden();
         let seed = step_seed(self.cfg.run.seed, self.step, 0);
-        let (rollout, mut t_gen) = self.rollout(prompts, seed)?;
+        let (mut rollout, mut t_gen) = self.rollout(prompts, seed)?;
         let t_logprobs = t_step.elapsed().as_secs_f64() - t_gen;
-        let t0 = Instant::now();
-        let (raw, rewards) = self.score(&rollout, reward)?;
-        let mut t_reward = t0.elapsed().as_secs_f64();
+        let mut t_reward = 0.0;
+        // ReMax's baseline: the greedy response to each prompt, scored the same way. It is
+        // scored first, so that the last rollout the reward saw is the one the policy trains on
+        // (R2M caches that rollout's `H_last` for its update).
         let greedy = if self.cfg.algo.advantage == AdvantageKind::Remax {
-            // The baseline: the greedy response to each prompt, scored the same way.
             let t0 = Instant::now();
             let old = self.policy.valid();
             let rows: Vec<usize> = (0..rollout.prompts.len()).collect();
             let gens = self.sample(&old, &rollout.prompts, &rows, 0.0, seed)?;
             t_gen += t0.elapsed().as_secs_f64();
             let t0 = Instant::now();
-            let g = Rollout::<Inner<B>>::new(rollout.prompts.clone(), 1, gens, self.pad);
+            let mut g = Rollout::<Inner<B>>::new(rollout.prompts.clone(), 1, gens, self.pad);
+            if self.keep_hidden {
+                self.old_and_ref_pass(&old, &mut g);
+            }
             let (_, r) = self.score(&g, reward)?;
             t_reward += t0.elapsed().as_secs_f64();
             Some(r)
         } else {
             None
         };
+        let t0 = Instant::now();
+        let (raw, rewards) = self.score(&rollout, reward)?;
+        t_reward += t0.elapsed().as_secs_f64();
         let (adv, returns) = self.advantages(&rollout, &rewards, greedy.as_deref())?;
         let t0 = Instant::now();
         let st = self.update(
-            &rollout,
+            &mut rollout,
             &adv,
             returns.as_deref(),
             step_seed(self.cfg.run.seed, self.step, 2),
         )?;
         let t_update = t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        let rm = reward.after_policy_update(&rollout, &raw, self.step + 1, self.cfg.run.steps)?;
+        let t_rm_update = t0.elapsed().as_secs_f64();
 
         let n = rollout.rows() as f64;
         let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
@@ -649,11 +681,48 @@ impl<B: AutodiffBackend> RlTrainer<B> {
             time_logprobs: t_logprobs,
             time_reward: t_reward,
             time_update: t_update,
+            time_rm_update: t_rm_update,
             time_step: t_step.elapsed().as_secs_f64(),
             samples: rollout.rows(),
+            rm,
         };
         Ok((m, rollout, rewards))
     }
+}
+
+/// Put the final epoch's per-micro-batch hidden states back into one `[rows, P + R - 1, hidden]`
+/// grid (columns outside a micro-batch's slice are padding for its rows and stay zero).
+fn assemble_hidden<Bk: Backend>(
+    rollout: &Rollout<Bk>,
+    fresh: Vec<(RowSlice, Tensor<Bk, 3>)>,
+) -> Tensor<Bk, 3> {
+    let width = rollout.prompt_cols + rollout.response_cols - 1;
+    let mut order = Vec::with_capacity(rollout.rows());
+    let mut parts = Vec::with_capacity(fresh.len());
+    for (s, h) in fresh {
+        let [n, w, d] = h.dims();
+        let dev = h.device();
+        let mut cols = Vec::with_capacity(3);
+        if s.lo > 0 {
+            cols.push(Tensor::zeros([n, s.lo, d], &dev));
+        }
+        cols.push(h);
+        if s.lo + w < width {
+            cols.push(Tensor::zeros([n, width - s.lo - w, d], &dev));
+        }
+        parts.push(Tensor::cat(cols, 1));
+        order.extend(s.rows);
+    }
+    let mut pos = vec![0i64; rollout.rows()];
+    for (k, &r) in order.iter().enumerate() {
+        pos[r] = k as i64;
+    }
+    let all = Tensor::cat(parts, 0);
+    let idx = Tensor::<Bk, 1, burn::tensor::Int>::from_data(
+        burn::tensor::TensorData::new(pos, [rollout.rows()]),
+        &all.device(),
+    );
+    all.select(0, idx)
 }
 
 /// The adaptive KL controller of Ziegler et al. (2019): beta moves toward the value that brings
@@ -663,18 +732,19 @@ pub fn adaptive_kl_coef(beta: f64, kl: f64, target: f64, samples: f64, horizon: 
     beta * (1.0 + err * samples / horizon)
 }
 
+/// Sums over one policy update (see [`StepMetrics`] for the per-step means).
 #[derive(Debug, Default)]
-struct UpdateStats {
-    clipped: f64,
-    tokens: f64,
-    first_tokens: f64,
-    entropy: f64,
-    kl_loss: f64,
-    policy_loss: f64,
-    value_loss: f64,
-    grad_norm: f64,
-    lr: f64,
-    optimizer_steps: usize,
+pub struct UpdateStats {
+    pub clipped: f64,
+    pub tokens: f64,
+    pub first_tokens: f64,
+    pub entropy: f64,
+    pub kl_loss: f64,
+    pub policy_loss: f64,
+    pub value_loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub optimizer_steps: usize,
 }
 
 /// Hands out prompt indices for each step: a seeded shuffle, reshuffled on every pass.
@@ -741,7 +811,7 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> R2mError + '_ {
 pub fn train<B: AutodiffBackend>(
     trainer: &mut RlTrainer<B>,
     prompts: &[Prompt],
-    reward: &mut dyn RewardFn,
+    reward: &mut dyn RolloutReward<Inner<B>>,
     out: Option<&Path>,
 ) -> Result<RlSummary> {
     if prompts.is_empty() {
@@ -776,7 +846,7 @@ pub fn train<B: AutodiffBackend>(
             AdvantageKind::Remax => "remax",
             AdvantageKind::Gae => "ppo",
         },
-        reward.name()
+        RolloutReward::name(reward)
     ));
     let t0 = Instant::now();
     let (mut first, mut last) = (None, None);
@@ -788,8 +858,8 @@ pub fn train<B: AutodiffBackend>(
             writeln!(mf, "{}", serde_json::to_string(&m).expect("json"))
                 .and_then(|_| mf.flush())
                 .map_err(io_err(mp))?;
-            for row in 0..cfg.run.log_samples.min(rollout.rows()) {
-                let g = &rollout.responses[row];
+            let n_log = cfg.run.log_samples.min(rollout.rows());
+            for (row, g) in rollout.responses.iter().enumerate().take(n_log) {
                 let line = serde_json::json!({
                     "step": m.step,
                     "row": row,

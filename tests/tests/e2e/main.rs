@@ -8,5 +8,6 @@ mod common;
 mod data;
 mod errors;
 mod models;
+mod r2m;
 mod reward;
 mod rl;

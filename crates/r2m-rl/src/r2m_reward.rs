@@ -1,0 +1,282 @@
+//! The R2M reward in the RL loop (spec §2-§4), and the paper's controls.
+//!
+//! Per RL step t:
+//! 1. scoring ([`RolloutReward::score_rollout`]): the frozen RM body gives `H_last` of each
+//!    sequence, cached for the step; the policy's hidden states `h` come from the old-policy pass;
+//!    `r = phi(H_fin)`, `H_fin = (1 - w(t)) H_hat + w(t) H_last`, `H_hat` from the fusion head;
+//! 2. after the policy update ([`RolloutReward::after_policy_update`]): with `h'` from the final
+//!    epoch's forward passes, the GREBT loss on each group's pseudo pair (ranked by step 1's
+//!    rewards) trains the fusion head and `phi` (AdamW, state kept across steps). Gradients never
+//!    reach the policy: `h` and `h'` enter as constants.
+
+use burn::module::{AutodiffModule, Module, Param};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Bool, ElementConversion, Tensor, TensorData};
+use r2m_core::optim::clip_grad_norm;
+use r2m_core::r2m::{default_width, fuse, grebt_loss, pseudo_pair, time_step_weight, FusionHead};
+use r2m_core::{R2mError, Result};
+use r2m_models::model::Linear;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::config::{R2mConfig, RmMethod};
+use crate::reward_fn::{LearnedRm, RolloutReward};
+use crate::rollout::Rollout;
+
+type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+
+/// What the reward model's update did in one RL step (flattened into `metrics.jsonl`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RmUpdateStats {
+    /// w(t) used to score this step.
+    pub r2m_w: f64,
+    /// GREBT loss before the update (None when the method does not train).
+    pub rm_loss: Option<f64>,
+    pub rm_bt: Option<f64>,
+    pub rm_gre: Option<f64>,
+    pub rm_grad_norm: Option<f64>,
+}
+
+/// The trainable part of the R2M reward model: the fusion head and the scoring head `phi`.
+#[derive(Module, Debug)]
+pub struct R2mHead<B: Backend> {
+    pub fusion: FusionHead<B>,
+    /// `phi`, initialised from the RM's head.
+    pub score: Linear<B>,
+}
+
+impl<B: Backend> R2mHead<B> {
+    /// `r = phi(H_fin)`, or `phi(H_last)` without feedback.
+    ///
+    /// # Shapes
+    /// - `h_last`: `[batch, D_rm]`; `feedback`: `h` `[batch, seq, D_p]` and its mask `[batch, seq]`
+    /// - returns `[batch]`
+    pub fn reward(
+        &self,
+        h_last: Tensor<B, 2>,
+        feedback: Option<(Tensor<B, 3>, Tensor<B, 2, Bool>)>,
+        w: f64,
+    ) -> Tensor<B, 1> {
+        let h_fin = match feedback {
+            Some((h, valid)) => fuse(self.fusion.forward(h_last.clone(), h, valid), h_last, w),
+            None => h_last,
+        };
+        self.score.forward(h_fin).squeeze_dim::<1>(1)
+    }
+}
+
+/// A learned RM with R2M's policy feedback (or one of the controls of [`RmMethod`]).
+pub struct R2mReward<B: AutodiffBackend> {
+    pub cfg: R2mConfig,
+    /// The frozen RM (body and its original `phi`) and how sequences are rendered for it.
+    pub rm: LearnedRm<Inner<B>>,
+    pub head: R2mHead<B>,
+    optim: OptimizerAdaptor<AdamW, R2mHead<B>, B>,
+    /// `H_last` of the current rollout's rows, computed when scoring and reused by the update.
+    h_last: Option<Tensor<Inner<B>, 2>>,
+    rng: StdRng,
+}
+
+/// Rows scored per fusion-head call.
+const SCORE_CHUNK: usize = 16;
+
+impl<B: AutodiffBackend> R2mReward<B> {
+    /// R2M on `rm` for a policy of hidden size `policy_hidden`.
+    pub fn new(rm: LearnedRm<Inner<B>>, policy_hidden: usize, cfg: R2mConfig) -> Self {
+        let d_rm = rm.model.backbone.config.hidden_size;
+        let d = cfg
+            .width
+            .unwrap_or_else(|| default_width(d_rm, policy_hidden));
+        let dev = rm.model.backbone.device();
+        let fusion = FusionHead::new(d_rm, policy_hidden, d, cfg.zero_init_output, cfg.seed, &dev);
+        let phi = &rm.model.score;
+        let score = Linear {
+            weight: Param::from_tensor(Tensor::from_inner(phi.weight.val())),
+            bias: phi
+                .bias
+                .as_ref()
+                .map(|b| Param::from_tensor(Tensor::from_inner(b.val()))),
+        };
+        let optim = AdamWConfig::new()
+            .with_beta_1(0.9)
+            .with_beta_2(0.999)
+            .with_epsilon(1e-8)
+            .with_weight_decay(0.0)
+            .init::<B, R2mHead<B>>();
+        Self {
+            rng: StdRng::seed_from_u64(cfg.seed ^ 0x0015_e5ee_d000),
+            cfg,
+            rm,
+            head: R2mHead { fusion, score },
+            optim,
+            h_last: None,
+        }
+    }
+
+    /// Whether the reward reads the policy's hidden states.
+    pub fn uses_feedback(&self) -> bool {
+        matches!(
+            self.cfg.method,
+            RmMethod::R2m | RmMethod::R2mNoTrain | RmMethod::R2mNoise
+        )
+    }
+
+    /// Whether the head trains after each RL step.
+    pub fn trains(&self) -> bool {
+        matches!(
+            self.cfg.method,
+            RmMethod::R2m | RmMethod::R2mNoise | RmMethod::IterativeHead
+        )
+    }
+
+    /// The policy feedback for a rollout: its hidden states `h` (or, for w/ Noise, Gaussian noise
+    /// with the mean and variance of `h`'s real positions) and the mask of real positions.
+    ///
+    /// # Shapes
+    /// - returns `[rows, P + R - 1, D_p]` and `[rows, P + R - 1]`
+    pub fn feedback(
+        &mut self,
+        rollout: &Rollout<Inner<B>>,
+    ) -> Result<(Tensor<Inner<B>, 3>, Tensor<Inner<B>, 2, Bool>)> {
+        let h = rollout.hidden.clone().ok_or_else(|| {
+            R2mError::Other("R2M needs the policy's hidden states in the rollout".into())
+        })?;
+        let [rows, s, d] = h.dims();
+        let dev = h.device();
+        let valid: Vec<bool> = rollout
+            .padding
+            .valid
+            .iter()
+            .flat_map(|r| r[..s].iter().copied())
+            .collect();
+        let mask =
+            Tensor::<Inner<B>, 2, Bool>::from_data(TensorData::new(valid.clone(), [rows, s]), &dev);
+        if self.cfg.method != RmMethod::R2mNoise {
+            return Ok((h, mask));
+        }
+        let v: Vec<f32> = h.into_data().convert::<f32>().to_vec().expect("f32");
+        let (mut n, mut sum, mut sq) = (0f64, 0f64, 0f64);
+        for (p, &ok) in valid.iter().enumerate() {
+            if ok {
+                for &x in &v[p * d..(p + 1) * d] {
+                    n += 1.0;
+                    sum += x as f64;
+                    sq += (x as f64) * (x as f64);
+                }
+            }
+        }
+        let mean = sum / n.max(1.0);
+        let std = (sq / n.max(1.0) - mean * mean).max(0.0).sqrt();
+        let noise: Vec<f32> = (0..rows * s * d)
+            .map(|_| {
+                // Box-Muller
+                let (u1, u2): (f64, f64) =
+                    (self.rng.random::<f64>().max(1e-300), self.rng.random());
+                (mean + std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+            })
+            .collect();
+        Ok((
+            Tensor::from_data(TensorData::new(noise, [rows, s, d]), &dev),
+            mask,
+        ))
+    }
+}
+
+impl<B: AutodiffBackend> RolloutReward<Inner<B>> for R2mReward<B> {
+    fn name(&self) -> String {
+        let m = serde_json::to_value(self.cfg.method).expect("json");
+        format!("{} ({})", self.rm.name, m.as_str().unwrap_or("?"))
+    }
+
+    fn wants_hidden(&self) -> bool {
+        self.uses_feedback()
+    }
+
+    fn score_rollout(
+        &mut self,
+        rollout: &Rollout<Inner<B>>,
+        t: usize,
+        total: usize,
+    ) -> Result<Vec<f32>> {
+        let seqs = rollout
+            .reward_inputs()
+            .iter()
+            .map(|x| self.rm.sequence(x))
+            .collect::<Result<Vec<_>>>()?;
+        let h_last = self.rm.last_hidden(&seqs);
+        self.h_last = Some(h_last.clone());
+        let w = time_step_weight(t, total, self.cfg.omega);
+        let feedback = if self.uses_feedback() {
+            Some(self.feedback(rollout)?)
+        } else {
+            None
+        };
+        let head = self.head.valid();
+        let rows = rollout.rows();
+        let mut out = Vec::with_capacity(rows);
+        for start in (0..rows).step_by(SCORE_CHUNK) {
+            let n = SCORE_CHUNK.min(rows - start);
+            let fb = feedback
+                .as_ref()
+                .map(|(h, m)| (h.clone().narrow(0, start, n), m.clone().narrow(0, start, n)));
+            let r = head.reward(h_last.clone().narrow(0, start, n), fb, w);
+            out.extend(r.into_data().convert::<f32>().to_vec::<f32>().expect("f32"));
+        }
+        Ok(out)
+    }
+
+    fn after_policy_update(
+        &mut self,
+        rollout: &Rollout<Inner<B>>,
+        scores: &[f32],
+        t: usize,
+        total: usize,
+    ) -> Result<Option<RmUpdateStats>> {
+        let w = time_step_weight(t, total, self.cfg.omega);
+        let mut stats = RmUpdateStats {
+            r2m_w: w,
+            ..Default::default()
+        };
+        if !self.trains() {
+            return Ok(Some(stats));
+        }
+        let h_last = self
+            .h_last
+            .clone()
+            .ok_or_else(|| R2mError::Other("R2M update before scoring".into()))?;
+        let k = rollout.k;
+        let groups = rollout.rows() / k;
+        // Pseudo pairs from the rewards that ranked the rollout (before the policy update).
+        let pairs: Vec<Option<(usize, usize)>> = scores.chunks(k).map(pseudo_pair).collect();
+        let feedback = if self.uses_feedback() {
+            Some(self.feedback(rollout)?)
+        } else {
+            None
+        };
+        for u in 0..self.cfg.updates_per_step.max(1) {
+            let fb = feedback
+                .as_ref()
+                .map(|(h, m)| (Tensor::from_inner(h.clone()), Tensor::from_inner(m.clone())));
+            let r = self.head.reward(Tensor::from_inner(h_last.clone()), fb, w);
+            let (loss, parts) = grebt_loss(r.reshape([groups, k]), &pairs, self.cfg.alpha);
+            let loss_v = loss.clone().into_scalar().elem::<f32>() as f64;
+            if !loss_v.is_finite() {
+                return Err(R2mError::Other(format!(
+                    "step {t}: the R2M GREBT loss is {loss_v}"
+                )));
+            }
+            let mut grads = GradientsParams::from_grads(loss.backward(), &self.head);
+            let gn = clip_grad_norm::<B, _>(&self.head, &mut grads, self.cfg.max_grad_norm);
+            self.head = self.optim.step(self.cfg.lr, self.head.clone(), grads);
+            if u == 0 {
+                stats.rm_loss = Some(loss_v);
+                stats.rm_bt = Some(parts.bt);
+                stats.rm_gre = Some(parts.gre);
+                stats.rm_grad_norm = Some(gn);
+            }
+        }
+        Ok(Some(stats))
+    }
+}
