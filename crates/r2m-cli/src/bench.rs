@@ -28,6 +28,9 @@ pub enum Scenario {
     Train,
     /// One MLP-sized GEMM, `[batch*seq, hidden] x [hidden, intermediate]` (GFLOP/s calibration).
     Gemm,
+    /// RL steps of the `--config` run, vanilla and R2M alternating on the same prompts: per-step
+    /// time split and the R2M / vanilla ratio.
+    RlStep,
 }
 
 #[derive(clap::Args, Debug)]
@@ -44,6 +47,12 @@ pub struct BenchArgs {
     /// Timed iterations (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 3)]
     iters: usize,
+    /// `rl-step`: the RL run config (with a learned reward model).
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// `rl-step`: RL steps of each of vanilla and R2M.
+    #[arg(long, default_value_t = 3)]
+    rl_steps: usize,
 }
 
 pub fn run(device: DeviceArg, args: BenchArgs) -> Result<()> {
@@ -97,6 +106,10 @@ impl BackendTask for BenchTask {
         for scenario in &a.scenarios {
             let mut times = Vec::new();
             match scenario {
+                Scenario::RlStep => {
+                    rl_step::<B>(&a, &device, backend)?;
+                    continue;
+                }
                 Scenario::Forward => {
                     let tokens = random_tokens::<B>(a.batch, a.seq, vocab, &device);
                     for i in 0..=a.iters {
@@ -188,7 +201,7 @@ impl BackendTask for BenchTask {
             let name = match scenario {
                 Scenario::Forward => "forward",
                 Scenario::Hidden => "hidden",
-                Scenario::Gemm => unreachable!("reported above"),
+                Scenario::Gemm | Scenario::RlStep => unreachable!("reported above"),
                 Scenario::Train => "train",
             };
             let tps = tokens_per_iter / secs;
@@ -209,4 +222,94 @@ impl BackendTask for BenchTask {
         }
         Ok(())
     }
+}
+
+/// Vanilla and R2M RL steps, alternating so that both see the same machine load.
+fn rl_step<B: Backend>(a: &BenchArgs, device: &B::Device, backend: &str) -> Result<()> {
+    use r2m_rl::config::RmMethod;
+    use r2m_rl::{LearnedRm, PromptSampler, R2mReward, RlConfig, RlTrainer, StepMetrics};
+    let path = a.config.as_ref().ok_or_else(|| {
+        r2m_core::R2mError::Config(
+            "rl-step needs --config RUN.toml (with a learned reward model)".into(),
+        )
+    })?;
+    let cfg = RlConfig::load(path)?;
+    let rm_dir = cfg.reward.model.clone().ok_or_else(|| {
+        r2m_core::R2mError::Config(format!("{}: rl-step needs reward.model", path.display()))
+    })?;
+    let loaded = load_model::<Autodiff<B>>(&cfg.model.policy, device)?;
+    let tok = loaded.tokenizer()?.clone();
+    let prompts = crate::train::load_prompts(&cfg, &tok)?;
+    let d_p = loaded.model.config.hidden_size;
+    let mut vanilla_cfg = cfg.clone();
+    vanilla_cfg.r2m.method = RmMethod::Vanilla;
+    let mut r2m_cfg = cfg.clone();
+    r2m_cfg.r2m.method = RmMethod::R2m;
+    let budget = cfg.reward.token_budget;
+    let mut vanilla = RlTrainer::new(loaded.model.clone(), Some(tok.clone()), vanilla_cfg)?;
+    let mut r2m = RlTrainer::new(loaded.model, Some(tok), r2m_cfg.clone())?;
+    let mut rm_v = LearnedRm::<B>::load(&rm_dir, budget, device)?;
+    let mut rm_r = R2mReward::<Autodiff<B>>::new(
+        LearnedRm::<B>::load(&rm_dir, budget, device)?,
+        d_p,
+        r2m_cfg.r2m.clone(),
+    );
+    let head_params = {
+        use burn::module::Module;
+        rm_r.head.num_params()
+    };
+    let mut sampler = PromptSampler::new(prompts.len(), cfg.run.seed);
+    let (mut mv, mut mr): (Vec<StepMetrics>, Vec<StepMetrics>) = (Vec::new(), Vec::new());
+    for i in 0..a.rl_steps {
+        let batch: Vec<_> = sampler
+            .next_batch(cfg.rollout.prompts_per_step)
+            .into_iter()
+            .map(|j| prompts[j].clone())
+            .collect();
+        let (v, _, _) = vanilla.step(batch.clone(), &mut rm_v)?;
+        let (r, _, _) = r2m.step(batch, &mut rm_r)?;
+        eprintln!(
+            "step {}: vanilla {:.1}s (len {:.1}), r2m {:.1}s (len {:.1}; reward {:.2}s, rm update {:.2}s)",
+            i + 1, v.time_step, v.response_len, r.time_step, r.response_len, r.time_reward, r.time_rm_update
+        );
+        mv.push(v);
+        mr.push(r);
+    }
+    let mean = |m: &[StepMetrics], f: fn(&StepMetrics) -> f64| {
+        m.iter().map(f).sum::<f64>() / m.len().max(1) as f64
+    };
+    let row = |name: &str, m: &[StepMetrics]| {
+        serde_json::json!({
+            "method": name,
+            "step_s": mean(m, |x| x.time_step),
+            "generate_s": mean(m, |x| x.time_generate),
+            "logprobs_s": mean(m, |x| x.time_logprobs),
+            "reward_s": mean(m, |x| x.time_reward),
+            "update_s": mean(m, |x| x.time_update),
+            "rm_update_s": mean(m, |x| x.time_rm_update),
+            "response_len": mean(m, |x| x.response_len),
+        })
+    };
+    let (rv, rr) = (row("vanilla", &mv), row("r2m", &mr));
+    // R2M's own work: the extra reward time (fusion head) and the RM update.
+    let own = mean(&mr, |x| x.time_reward + x.time_rm_update) - mean(&mv, |x| x.time_reward);
+    let ratio = rr["step_s"].as_f64().unwrap_or(0.0) / rv["step_s"].as_f64().unwrap_or(1.0);
+    println!(
+        "r2m rl-step backend={backend} steps={} rows={}: vanilla {:.1}s/step, r2m {:.1}s/step, ratio {:.3}; R2M's own work {:.2}s/step ({:.1}%); head {:.2}M params",
+        a.rl_steps,
+        cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt,
+        rv["step_s"].as_f64().unwrap_or(0.0),
+        rr["step_s"].as_f64().unwrap_or(0.0),
+        ratio,
+        own,
+        100.0 * own / rv["step_s"].as_f64().unwrap_or(1.0),
+        head_params as f64 / 1e6
+    );
+    println!(
+        "{}",
+        serde_json::json!({"impl": "r2m", "backend": backend, "scenario": "rl-step", "vanilla": rv,
+            "r2m": rr, "ratio": ratio, "r2m_own_s": own, "head_params": head_params,
+            "peak_rss_mib": peak_rss_mib()})
+    );
+    Ok(())
 }

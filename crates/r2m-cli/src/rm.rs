@@ -9,7 +9,9 @@ use r2m_core::{R2mError, Result};
 use r2m_data::{read_preferences, tokenize_pairs, train_eval_split, ReadOptions, TokenizedPair};
 use r2m_models::{load_model, RewardModel, Tokenizer};
 use r2m_rl::reward_training::summarize;
-use r2m_rl::{rm_rewards, train_reward_model, RmOutputs, RmTrainConfig, Trainable};
+use r2m_rl::{
+    rm_rewards, train_reward_model, LearnedRm, R2mReward, RmOutputs, RmTrainConfig, Trainable,
+};
 
 use crate::backends::BackendTask;
 
@@ -201,6 +203,13 @@ pub struct EvalRmArgs {
     /// `scripts/reference/check_rm.py check`.
     #[arg(long)]
     scores: Option<PathBuf>,
+    /// Score with R2M's policy feedback (the paper's Table 3): the policy whose hidden states feed
+    /// the fusion head (`smollm2`, an HF directory such as a run's `final/`, or a .gguf file).
+    #[arg(long, requires = "r2m")]
+    policy: Option<String>,
+    /// The saved R2M state (a run's `r2m/` directory); rewards use w = Omega (t = T).
+    #[arg(long, requires = "policy")]
+    r2m: Option<PathBuf>,
 }
 
 pub struct EvalRmTask(pub EvalRmArgs);
@@ -218,7 +227,32 @@ impl BackendTask for EvalRmTask {
         };
         let pairs = tokenize(&tok, &pairs, a.data.max_len, "eval", &a.data.data)?;
         let t0 = Instant::now();
-        let (chosen, rejected) = rm_rewards(&rm, &pairs, a.token_budget);
+        let (chosen, rejected) = match (&a.policy, &a.r2m) {
+            (Some(policy), Some(state)) => {
+                let policy = load_model::<B>(policy, &device)?.model;
+                let info = R2mReward::<Autodiff<B>>::read_info(state)?;
+                let learned = LearnedRm {
+                    model: rm,
+                    tokenizer: None,
+                    token_budget: a.token_budget,
+                    name: a.rm.clone(),
+                };
+                let mut r2m =
+                    R2mReward::<Autodiff<B>>::new(learned, policy.config.hidden_size, info.config);
+                r2m.load_state(state)?;
+                eprintln!(
+                    "R2M ({} RM updates), policy feedback at w = Omega = {}",
+                    info.updates, r2m.cfg.omega
+                );
+                let c: Vec<Vec<u32>> = pairs.iter().map(|p| p.chosen_ids()).collect();
+                let r: Vec<Vec<u32>> = pairs.iter().map(|p| p.rejected_ids()).collect();
+                (
+                    r2m.score_with_policy(&policy, &c),
+                    r2m.score_with_policy(&policy, &r),
+                )
+            }
+            _ => rm_rewards(&rm, &pairs, a.token_budget),
+        };
         eprintln!("scored in {:.1}s", t0.elapsed().as_secs_f64());
         let e = summarize(&pairs, &chosen, &rejected);
         if let Some(path) = &a.scores {

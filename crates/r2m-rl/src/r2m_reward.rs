@@ -12,12 +12,14 @@
 use burn::module::{AutodiffModule, Module, Param};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
+use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Bool, ElementConversion, Tensor, TensorData};
+use burn::tensor::{Bool, ElementConversion, Int, Tensor, TensorData};
 use r2m_core::optim::clip_grad_norm;
 use r2m_core::r2m::{default_width, fuse, grebt_loss, pseudo_pair, time_step_weight, FusionHead};
 use r2m_core::{R2mError, Result};
 use r2m_models::model::Linear;
+use r2m_models::{CausalLm, Padding};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 
@@ -26,6 +28,9 @@ use crate::reward_fn::{LearnedRm, RolloutReward};
 use crate::rollout::Rollout;
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+
+/// Policy feedback for the fusion head: `h` `[rows, seq, D_p]` and its mask of real positions.
+pub type Feedback<B> = (Tensor<B, 3>, Tensor<B, 2, Bool>);
 
 /// What the reward model's update did in one RL step (flattened into `metrics.jsonl`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -77,6 +82,19 @@ pub struct R2mReward<B: AutodiffBackend> {
     /// `H_last` of the current rollout's rows, computed when scoring and reused by the update.
     h_last: Option<Tensor<Inner<B>, 2>>,
     rng: StdRng,
+    /// RM optimizer steps taken.
+    pub updates: usize,
+}
+
+/// The fusion state a run saves: `r2m.json` (config and sizes), `r2m_head.bin` (fusion head
+/// and `phi`), `r2m_optim.bin` (AdamW state).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct R2mStateInfo {
+    pub config: R2mConfig,
+    pub d_rm: usize,
+    pub d_p: usize,
+    pub width: usize,
+    pub updates: usize,
 }
 
 /// Rows scored per fusion-head call.
@@ -112,7 +130,109 @@ impl<B: AutodiffBackend> R2mReward<B> {
             head: R2mHead { fusion, score },
             optim,
             h_last: None,
+            updates: 0,
         }
+    }
+
+    fn recorder_err(path: &std::path::Path, e: impl std::fmt::Display) -> R2mError {
+        R2mError::format(path, e.to_string())
+    }
+
+    /// Save the fusion head, `phi` and the optimizer state into `dir` (see [`R2mStateInfo`]).
+    pub fn save(&self, dir: &std::path::Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| R2mError::io(dir, e))?;
+        let rec = BinFileRecorder::<FullPrecisionSettings>::new();
+        let head = dir.join("r2m_head");
+        Recorder::<B>::record(&rec, self.head.clone().into_record(), head.clone())
+            .map_err(|e| Self::recorder_err(&head, e))?;
+        let opt = dir.join("r2m_optim");
+        Recorder::<B>::record(&rec, self.optim.to_record(), opt.clone())
+            .map_err(|e| Self::recorder_err(&opt, e))?;
+        let [d_rm, width] = self.head.fusion.w_q.dims();
+        let info = R2mStateInfo {
+            config: self.cfg.clone(),
+            d_rm,
+            d_p: self.head.fusion.w_k.dims()[0],
+            width,
+            updates: self.updates,
+        };
+        let p = dir.join("r2m.json");
+        std::fs::write(&p, serde_json::to_string_pretty(&info).expect("json"))
+            .map_err(|e| R2mError::io(&p, e))
+    }
+
+    /// Read `r2m.json` of a saved state.
+    pub fn read_info(dir: &std::path::Path) -> Result<R2mStateInfo> {
+        let p = dir.join("r2m.json");
+        let text = std::fs::read_to_string(&p).map_err(|e| R2mError::io(&p, e))?;
+        serde_json::from_str(&text).map_err(|e| R2mError::format(&p, e.to_string()))
+    }
+
+    /// Restore a state [`R2mReward::save`] wrote (the head's sizes must match).
+    pub fn load_state(&mut self, dir: &std::path::Path) -> Result<()> {
+        let info = Self::read_info(dir)?;
+        let [d_rm, width] = self.head.fusion.w_q.dims();
+        let d_p = self.head.fusion.w_k.dims()[0];
+        if (info.d_rm, info.d_p, info.width) != (d_rm, d_p, width) {
+            return Err(R2mError::format(
+                dir.join("r2m.json"),
+                format!(
+                    "saved head is D_rm {} / D_p {} / d {}, this one {d_rm} / {d_p} / {width}",
+                    info.d_rm, info.d_p, info.width
+                ),
+            ));
+        }
+        let dev = self.rm.model.backbone.device();
+        let rec = BinFileRecorder::<FullPrecisionSettings>::new();
+        let head = dir.join("r2m_head");
+        let record = Recorder::<B>::load(&rec, head.clone(), &dev)
+            .map_err(|e| Self::recorder_err(&head, e))?;
+        self.head = self.head.clone().load_record(record);
+        let opt = dir.join("r2m_optim");
+        let record = Recorder::<B>::load(&rec, opt.clone(), &dev)
+            .map_err(|e| Self::recorder_err(&opt, e))?;
+        let fresh = AdamWConfig::new().init::<B, R2mHead<B>>();
+        self.optim = std::mem::replace(&mut self.optim, fresh).load_record(record);
+        self.updates = info.updates;
+        Ok(())
+    }
+
+    /// Rewards of full token sequences with the policy's feedback at `t = T` (`w = Omega`): the
+    /// paper's RM accuracy with policy feedback. `policy` computes `h` over each sequence without
+    /// its last token, as in the RL loop.
+    pub fn score_with_policy(
+        &mut self,
+        policy: &CausalLm<Inner<B>>,
+        seqs: &[Vec<u32>],
+    ) -> Vec<f32> {
+        let dev = policy.device();
+        let head = self.head.valid();
+        let w = self.cfg.omega;
+        let mut out = Vec::with_capacity(seqs.len());
+        for chunk in seqs.chunks(SCORE_CHUNK) {
+            let h_last = self.rm.last_hidden(chunk);
+            let s = chunk.iter().map(Vec::len).max().unwrap_or(2).max(2) - 1;
+            let mut ids = Vec::with_capacity(chunk.len() * s);
+            let mut valid = Vec::with_capacity(chunk.len());
+            for q in chunk {
+                let n = q.len().saturating_sub(1);
+                ids.extend(q[..n].iter().map(|&t| t as i64));
+                ids.extend(std::iter::repeat_n(0i64, s - n));
+                valid.push((0..s).map(|c| c < n).collect::<Vec<bool>>());
+            }
+            let mask: Vec<bool> = valid.iter().flatten().copied().collect();
+            let tokens =
+                Tensor::<Inner<B>, 2, Int>::from_data(TensorData::new(ids, [chunk.len(), s]), &dev);
+            let h = policy.forward_hidden(tokens, &Padding { valid }, None);
+            let mask = Tensor::<Inner<B>, 2, Bool>::from_data(
+                TensorData::new(mask, [chunk.len(), s]),
+                &dev,
+            );
+            let fb = self.uses_feedback().then_some((h, mask));
+            let r = head.reward(h_last, fb, w);
+            out.extend(r.into_data().convert::<f32>().to_vec::<f32>().expect("f32"));
+        }
+        out
     }
 
     /// Whether the reward reads the policy's hidden states.
@@ -139,17 +259,23 @@ impl<B: AutodiffBackend> R2mReward<B> {
     pub fn feedback(
         &mut self,
         rollout: &Rollout<Inner<B>>,
-    ) -> Result<(Tensor<Inner<B>, 3>, Tensor<Inner<B>, 2, Bool>)> {
+    ) -> Result<Feedback<Inner<B>>> {
         let h = rollout.hidden.clone().ok_or_else(|| {
             R2mError::Other("R2M needs the policy's hidden states in the rollout".into())
         })?;
         let [rows, s, d] = h.dims();
         let dev = h.device();
-        let valid: Vec<bool> = rollout
-            .padding
-            .valid
-            .iter()
-            .flat_map(|r| r[..s].iter().copied())
+        // `h` covers each sequence without its last token (the log-prob pass's inputs): a row
+        // shorter than the grid has its last token inside the grid, and it is masked out.
+        let p = rollout.prompt_cols;
+        let valid: Vec<bool> = (0..rows)
+            .flat_map(|r| {
+                let last = p + rollout.response_len(r) - 1;
+                rollout.padding.valid[r][..s]
+                    .iter()
+                    .enumerate()
+                    .map(move |(c, &v)| v && c != last)
+            })
             .collect();
         let mask =
             Tensor::<Inner<B>, 2, Bool>::from_data(TensorData::new(valid.clone(), [rows, s]), &dev);
@@ -270,6 +396,7 @@ impl<B: AutodiffBackend> RolloutReward<Inner<B>> for R2mReward<B> {
             let mut grads = GradientsParams::from_grads(loss.backward(), &self.head);
             let gn = clip_grad_norm::<B, _>(&self.head, &mut grads, self.cfg.max_grad_norm);
             self.head = self.optim.step(self.cfg.lr, self.head.clone(), grads);
+            self.updates += 1;
             if u == 0 {
                 stats.rm_loss = Some(loss_v);
                 stats.rm_bt = Some(parts.bt);
@@ -278,5 +405,9 @@ impl<B: AutodiffBackend> RolloutReward<Inner<B>> for R2mReward<B> {
             }
         }
         Ok(Some(stats))
+    }
+
+    fn save_state(&self, dir: &std::path::Path) -> Result<()> {
+        self.save(dir)
     }
 }

@@ -59,6 +59,10 @@ pub trait RolloutReward<B: Backend> {
     ) -> Result<Option<RmUpdateStats>> {
         Ok(None)
     }
+    /// Save whatever the reward trains (R2M: fusion head, `phi`, optimizer state) into `dir`.
+    fn save_state(&self, _dir: &std::path::Path) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl<B: Backend, R: RewardFn> RolloutReward<B> for R {

@@ -884,6 +884,9 @@ pub fn train<B: AutodiffBackend>(
         last = Some(m);
     }
     pb.finish();
+    if let Some(dir) = out {
+        reward.save_state(&dir.join("r2m"))?;
+    }
     if let (Some(dir), true) = (out, cfg.run.save_final) {
         r2m_models::save_hf_dir(
             &trainer.policy.valid(),
