@@ -104,11 +104,16 @@ impl BackendTask for TrainTask {
             t0.elapsed().as_secs_f64()
         );
         let prompts = load_prompts(&cfg, &tok)?;
+        let out = cfg.run.out.clone();
         let mut reward: Box<dyn RolloutReward<B>> = match cfg.reward.kind {
             RewardKind::Model => {
                 let dir = cfg.reward.model.as_deref().expect("validated");
-                let rm = LearnedRm::<B>::load(dir, cfg.reward.token_budget, &device)?;
-                if cfg.r2m.method == RmMethod::Vanilla {
+                let rm = if cfg.r2m.method == RmMethod::PretrainedRm {
+                    pretrain_rm::<B>(&cfg, dir, &out, &device)?
+                } else {
+                    LearnedRm::<B>::load(dir, cfg.reward.token_budget, &device)?
+                };
+                if matches!(cfg.r2m.method, RmMethod::Vanilla | RmMethod::PretrainedRm) {
                     Box::new(rm)
                 } else {
                     let d_p = loaded.model.config.hidden_size;
@@ -123,7 +128,6 @@ impl BackendTask for TrainTask {
                     .parse::<RuleReward>()?,
             ),
         };
-        let out = cfg.run.out.clone();
         let mut trainer = RlTrainer::new(loaded.model, Some(tok), cfg)?;
         let summary = train(&mut trainer, &prompts, reward.as_mut(), Some(&out))?;
         if let (Some(f), Some(l)) = (&summary.first, &summary.last) {
@@ -142,4 +146,55 @@ impl BackendTask for TrainTask {
         println!("wrote {}", out.display());
         Ok(())
     }
+}
+
+/// The "Pretrained RM" control: fine-tune the RM with Bradley-Terry on `r2m.pretrain_pairs`
+/// before RL (written to `RUN/pretrained-rm/`), then use it frozen.
+fn pretrain_rm<B: Backend>(
+    cfg: &RlConfig,
+    rm_dir: &Path,
+    out: &Path,
+    device: &B::Device,
+) -> Result<LearnedRm<B>> {
+    use burn::module::AutodiffModule;
+    use r2m_data::{read_preferences, tokenize_pairs};
+    use r2m_models::RewardModel;
+    use r2m_rl::{train_reward_model, RmOutputs, RmTrainConfig};
+    let r = &cfg.r2m;
+    let path = r.pretrain_pairs.as_deref().expect("validated");
+    let tok = Tokenizer::from_hf_dir(rm_dir)?;
+    let opts = ReadOptions {
+        skip_bad: cfg.data.skip_bad,
+        limit: None,
+    };
+    let (pairs, report) = read_preferences(path, opts)?;
+    eprintln!("pretrained-rm: {report}");
+    let (pairs, report) = tokenize_pairs(&tok, &pairs, r.pretrain_max_len)?;
+    eprintln!("pretrained-rm: {report}");
+    let rm = RewardModel::<Autodiff<B>>::load_hf_dir(rm_dir, device)?;
+    let rm_cfg = RmTrainConfig {
+        trainable: r.pretrain_trainable.parse()?,
+        epochs: r.pretrain_epochs,
+        lr: r.pretrain_lr,
+        seed: r.seed,
+        ..Default::default()
+    };
+    let dir = out.join("pretrained-rm");
+    let outputs = RmOutputs {
+        dir: &dir,
+        tokenizer: Some(&tok),
+    };
+    let (rm, summary) = train_reward_model(rm, &pairs, &[], &rm_cfg, outputs)?;
+    eprintln!(
+        "pretrained-rm: {} BT steps on {} pairs, saved {}",
+        summary.steps,
+        summary.train_pairs,
+        dir.display()
+    );
+    Ok(LearnedRm {
+        model: rm.valid(),
+        tokenizer: Some(tok),
+        token_budget: cfg.reward.token_budget,
+        name: format!("pretrained rm {}", dir.display()),
+    })
 }

@@ -263,11 +263,13 @@ pub enum RmMethod {
     R2mNoTrain,
     /// Control: `h` replaced by Gaussian noise of the same mean and variance.
     R2mNoise,
+    /// Control: before RL, the RM is fine-tuned with Bradley-Terry on gold preference pairs for
+    /// the RL prompts (`r2m.pretrain_pairs`); then frozen, as vanilla.
+    PretrainedRm,
 }
 
 /// `[r2m]`: the reward model's side of R2M (spec §2-§3). `alpha = 1` is the paper's "w/o BT",
-/// `alpha = 0` its "w/o GRE"; the "Pretrained RM" control is `vanilla` with an RM fine-tuned
-/// on gold pairs for the RL prompts (`r2m train-rm`).
+/// `alpha = 0` its "w/o GRE".
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct R2mConfig {
@@ -289,6 +291,13 @@ pub struct R2mConfig {
     pub zero_init_output: bool,
     /// Seed of the fusion head's initialisation and of the w/ Noise control.
     pub seed: u64,
+    /// `pretrained-rm`: gold preference pairs (`.jsonl[.gz]`) for the BT fine-tune before RL.
+    pub pretrain_pairs: Option<PathBuf>,
+    /// `pretrained-rm`: what trains (`head`, `top:N`, `all`), epochs, peak LR, longest sequence.
+    pub pretrain_trainable: String,
+    pub pretrain_epochs: usize,
+    pub pretrain_lr: f64,
+    pub pretrain_max_len: usize,
 }
 
 impl Default for R2mConfig {
@@ -303,6 +312,11 @@ impl Default for R2mConfig {
             max_grad_norm: 1.0,
             zero_init_output: false,
             seed: 0,
+            pretrain_pairs: None,
+            pretrain_trainable: "head".into(),
+            pretrain_epochs: 1,
+            pretrain_lr: 1e-4,
+            pretrain_max_len: 512,
         }
     }
 }
@@ -404,6 +418,12 @@ impl RlConfig {
         if self.r2m.method != RmMethod::Vanilla && self.reward.kind != RewardKind::Model {
             return Err("r2m.method other than \"vanilla\" needs reward.kind = \"model\"".into());
         }
+        if self.r2m.method == RmMethod::PretrainedRm && self.r2m.pretrain_pairs.is_none() {
+            return Err(
+                "r2m.method = \"pretrained-rm\" needs r2m.pretrain_pairs (gold preference pairs)"
+                    .into(),
+            );
+        }
         if !(0.0..=1.0).contains(&self.r2m.alpha) || !(0.0..=1.0).contains(&self.r2m.omega) {
             return Err("r2m.alpha and r2m.omega must be in [0, 1]".into());
         }
@@ -470,5 +490,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("reward.model"), "{e}");
+        let e = RlConfig::from_toml_str(
+            "[reward]\nmodel = \"rm\"\n[r2m]\nmethod = \"pretrained-rm\"\n",
+            Path::new("r.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("r2m.pretrain_pairs"), "{e}");
+        let e = RlConfig::from_toml_str(
+            "[reward]\nkind = \"rule\"\nrule = \"length:3\"\n[r2m]\nmethod = \"r2m\"\n",
+            Path::new("r.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("reward.kind"), "{e}");
     }
 }

@@ -256,10 +256,7 @@ impl<B: AutodiffBackend> R2mReward<B> {
     ///
     /// # Shapes
     /// - returns `[rows, P + R - 1, D_p]` and `[rows, P + R - 1]`
-    pub fn feedback(
-        &mut self,
-        rollout: &Rollout<Inner<B>>,
-    ) -> Result<Feedback<Inner<B>>> {
+    pub fn feedback(&mut self, rollout: &Rollout<Inner<B>>) -> Result<Feedback<Inner<B>>> {
         let h = rollout.hidden.clone().ok_or_else(|| {
             R2mError::Other("R2M needs the policy's hidden states in the rollout".into())
         })?;

@@ -298,7 +298,7 @@ fn every_control_runs_and_trains_what_it_should() {
         let (want_fusion, want_phi) = match method {
             RmMethod::R2m | RmMethod::R2mNoise => (true, true),
             RmMethod::IterativeHead => (false, true),
-            RmMethod::Vanilla | RmMethod::R2mNoTrain => (false, false),
+            RmMethod::Vanilla | RmMethod::R2mNoTrain | RmMethod::PretrainedRm => (false, false),
         };
         assert_eq!((fusion_moved, phi_moved), (want_fusion, want_phi), "{name}");
     }
