@@ -131,11 +131,27 @@ pub fn read_prompts(path: &Path, opts: ReadOptions) -> Result<(Vec<Vec<ChatMessa
             }
             Ok(msgs)
         }
-        None => parse_preference(v).map(|p| p.prompt),
+        None => parse_preference_shape(v).map(|p| p.prompt),
     })
 }
 
 fn parse_preference(v: &Value) -> std::result::Result<PreferencePair, String> {
+    let pair = parse_preference_shape(v)?;
+    if pair.chosen.trim().is_empty() {
+        return Err("empty `chosen` reply".into());
+    }
+    if pair.rejected.trim().is_empty() {
+        return Err("empty `rejected` reply".into());
+    }
+    if pair.chosen == pair.rejected {
+        return Err("`chosen` and `rejected` replies are identical".into());
+    }
+    Ok(pair)
+}
+
+/// A preference record's prompt and replies, without the checks that only matter for pairs
+/// (reading prompts needs the conversation only).
+fn parse_preference_shape(v: &Value) -> std::result::Result<PreferencePair, String> {
     let obj = v.as_object().ok_or("a record must be a JSON object")?;
     let chosen = obj.get("chosen").ok_or("missing field `chosen`")?;
     let rejected = obj.get("rejected").ok_or("missing field `rejected`")?;
@@ -156,15 +172,6 @@ fn parse_preference(v: &Value) -> std::result::Result<PreferencePair, String> {
             split_hh(c, r)?
         }
     };
-    if pair.chosen.trim().is_empty() {
-        return Err("empty `chosen` reply".into());
-    }
-    if pair.rejected.trim().is_empty() {
-        return Err("empty `rejected` reply".into());
-    }
-    if pair.chosen == pair.rejected {
-        return Err("`chosen` and `rejected` replies are identical".into());
-    }
     Ok(pair)
 }
 

@@ -96,3 +96,21 @@ fn hh_pairs_tokenize_through_the_chat_template_with_the_truncation_policy() {
     assert!(cut.prompt.len() >= 12);
     assert!(full.chosen.starts_with(&cut.chosen) && full.rejected.starts_with(&cut.rejected));
 }
+
+#[test]
+fn hh_rlhf_prompts_include_records_with_an_empty_reply() {
+    // Prompts for RL need only the conversation: all 2,312 records give one, strictly read.
+    let (prompts, report) = r2m_data::read_prompts(&hh_path(), ReadOptions::default()).unwrap();
+    assert_eq!(prompts.len(), 2312, "{report}");
+    assert!(report.skipped.is_empty());
+    let (pairs, _) = read_preferences(
+        &hh_path(),
+        ReadOptions {
+            skip_bad: true,
+            limit: None,
+        },
+    )
+    .unwrap();
+    // Same conversations as the pairs (line 1 is a usable pair).
+    assert_eq!(prompts[0], pairs[0].prompt);
+}
