@@ -68,3 +68,22 @@ pub fn smollm2() -> &'static Loaded<TB> {
         load_gguf::<TB>(&path, &device()).expect("load smollm2")
     })
 }
+
+/// The tiny random-weight Llama-3 fixture as a trainable policy (vocab 256, EOS 2).
+pub fn tiny_policy() -> r2m_models::CausalLm<burn::backend::Autodiff<TB>> {
+    r2m_models::load_hf_dir(&fixture_dir().join("tiny/tiny-llama3"), &device())
+        .unwrap()
+        .model
+}
+
+/// `n` token-id prompts of different lengths for the tiny policy (BOS = 1).
+pub fn tiny_prompts(n: usize) -> Vec<r2m_rl::Prompt> {
+    (0..n)
+        .map(|i| r2m_rl::Prompt {
+            ids: std::iter::once(1)
+                .chain((0..2 + i % 3).map(|j| (10 + 7 * i + 3 * j) as u32))
+                .collect(),
+            messages: None,
+        })
+        .collect()
+}

@@ -9,17 +9,11 @@ use r2m_models::{load_hf_dir, CausalLm, RewardModel};
 use r2m_rl::advantage::AdvantageKind;
 use r2m_rl::config::{R2mConfig, RewardKind, RewardSection, RmMethod};
 use r2m_rl::rollout::Rollout;
-use r2m_rl::{LearnedRm, Prompt, R2mReward, RlConfig, RlTrainer, RmUpdateStats, RolloutReward};
+use r2m_rl::{LearnedRm, R2mReward, RlConfig, RlTrainer, RmUpdateStats, RolloutReward};
 
 use crate::common::*;
 
 type AB = Autodiff<TB>;
-
-fn tiny_policy() -> CausalLm<AB> {
-    load_hf_dir::<AB>(&fixture_dir().join("tiny/tiny-llama3"), &device())
-        .unwrap()
-        .model
-}
 
 /// A reward model on the tiny body with a seeded head (token ids are shared with the policy).
 fn tiny_rm() -> LearnedRm<TB> {
@@ -32,17 +26,6 @@ fn tiny_rm() -> LearnedRm<TB> {
         token_budget: 4096,
         name: "tiny rm".into(),
     }
-}
-
-fn prompts(n: usize) -> Vec<Prompt> {
-    (0..n)
-        .map(|i| Prompt {
-            ids: std::iter::once(1)
-                .chain((0..2 + i % 3).map(|j| (11 + 5 * i + 3 * j) as u32))
-                .collect(),
-            messages: None,
-        })
-        .collect()
 }
 
 fn config(method: RmMethod) -> RlConfig {
@@ -107,7 +90,7 @@ fn policy_weights(p: &CausalLm<AB>) -> HashMap<String, Vec<f32>> {
 /// A rollout with the old policy's hidden states.
 fn rollout(trainer: &mut RlTrainer<AB>, seed: u64) -> Rollout<TB> {
     trainer.keep_hidden = true;
-    trainer.rollout(prompts(3), seed).unwrap().0
+    trainer.rollout(tiny_prompts(3), seed).unwrap().0
 }
 
 #[test]
@@ -201,7 +184,7 @@ fn rm_update_trains_only_the_head_and_policy_update_leaves_the_head_alone() {
         at_score: None,
         at_update: None,
     };
-    let (m, _, _) = trainer.step(prompts(3), &mut spy).unwrap();
+    let (m, _, _) = trainer.step(tiny_prompts(3), &mut spy).unwrap();
     assert_eq!(spy.at_score, spy.at_update);
     assert_ne!(policy_weights(&trainer.policy), policy_before);
     assert!(m.rm.as_ref().unwrap().rm_loss.is_some());
@@ -287,7 +270,7 @@ fn every_control_runs_and_trains_what_it_should() {
         let fusion0 = params(&reward.head.fusion.valid());
         let phi0 = params(&reward.head.score.valid());
         for _ in 0..2 {
-            let (m, _, _) = trainer.step(prompts(3), &mut reward).unwrap();
+            let (m, _, _) = trainer.step(tiny_prompts(3), &mut reward).unwrap();
             assert!(m.reward_mean.is_finite(), "{name}");
             let rm = m.rm.expect("stats");
             assert_eq!(rm.rm_loss.is_some(), reward.trains(), "{name}");
@@ -317,7 +300,7 @@ fn r2m_works_with_every_advantage_estimator() {
         cfg.algo.advantage = adv;
         let mut trainer = RlTrainer::new(tiny_policy(), None, cfg.clone()).unwrap();
         let mut reward = r2m(RmMethod::R2m, &cfg);
-        let (m, ro, _) = trainer.step(prompts(3), &mut reward).unwrap();
+        let (m, ro, _) = trainer.step(tiny_prompts(3), &mut reward).unwrap();
         assert!(m.rm.unwrap().rm_loss.unwrap().is_finite(), "{adv:?}");
         assert!(ro.hidden.is_some());
     }

@@ -15,24 +15,6 @@ use crate::common::*;
 
 type AB = Autodiff<TB>;
 
-fn tiny_policy() -> CausalLm<AB> {
-    load_hf_dir::<AB>(&fixture_dir().join("tiny/tiny-llama3"), &device())
-        .unwrap()
-        .model
-}
-
-/// `n` prompts of different lengths (BOS = 1).
-fn tiny_prompts(n: usize) -> Vec<Prompt> {
-    (0..n)
-        .map(|i| Prompt {
-            ids: std::iter::once(1)
-                .chain((0..2 + i % 3).map(|j| (10 + 7 * i + 3 * j) as u32))
-                .collect(),
-            messages: None,
-        })
-        .collect()
-}
-
 /// The token the tiny policy is rewarded for emitting.
 const TARGET: u32 = 42;
 
