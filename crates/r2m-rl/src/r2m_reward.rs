@@ -209,6 +209,13 @@ impl<B: AutodiffBackend> R2mReward<B> {
         let head = self.head.valid();
         let w = self.cfg.omega;
         let mut out = Vec::with_capacity(seqs.len());
+        let pb = indicatif::ProgressBar::new(seqs.len() as u64);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "R2M scoring [{elapsed_precise}] {wide_bar} {pos}/{len} (eta {eta})",
+            )
+            .expect("template"),
+        );
         for chunk in seqs.chunks(SCORE_CHUNK) {
             let h_last = self.rm.last_hidden(chunk);
             let s = chunk.iter().map(Vec::len).max().unwrap_or(2).max(2) - 1;
@@ -231,7 +238,9 @@ impl<B: AutodiffBackend> R2mReward<B> {
             let fb = self.uses_feedback().then_some((h, mask));
             let r = head.reward(h_last, fb, w);
             out.extend(r.into_data().convert::<f32>().to_vec::<f32>().expect("f32"));
+            pb.inc(chunk.len() as u64);
         }
+        pb.finish_and_clear();
         out
     }
 
