@@ -14,17 +14,18 @@ use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Bool, ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{Bool, ElementConversion, Tensor, TensorData};
 use r2m_core::optim::clip_grad_norm;
 use r2m_core::r2m::{default_width, fuse, grebt_loss, pseudo_pair, time_step_weight, FusionHead};
 use r2m_core::{R2mError, Result};
 use r2m_models::model::Linear;
-use r2m_models::{CausalLm, Padding};
+use r2m_models::CausalLm;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::config::{R2mConfig, RmMethod};
 use crate::reward_fn::{LearnedRm, RolloutReward};
+use crate::reward_training::{int_tensor, pad_tokens};
 use crate::rollout::Rollout;
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
@@ -218,19 +219,15 @@ impl<B: AutodiffBackend> R2mReward<B> {
         );
         for chunk in seqs.chunks(SCORE_CHUNK) {
             let h_last = self.rm.last_hidden(chunk);
-            let s = chunk.iter().map(Vec::len).max().unwrap_or(2).max(2) - 1;
-            let mut ids = Vec::with_capacity(chunk.len() * s);
-            let mut valid = Vec::with_capacity(chunk.len());
-            for q in chunk {
-                let n = q.len().saturating_sub(1);
-                ids.extend(q[..n].iter().map(|&t| t as i64));
-                ids.extend(std::iter::repeat_n(0i64, s - n));
-                valid.push((0..s).map(|c| c < n).collect::<Vec<bool>>());
-            }
-            let mask: Vec<bool> = valid.iter().flatten().copied().collect();
-            let tokens =
-                Tensor::<Inner<B>, 2, Int>::from_data(TensorData::new(ids, [chunk.len(), s]), &dev);
-            let h = policy.forward_hidden(tokens, &Padding { valid }, None);
+            // `h` covers each sequence without its last token, as in the RL loop.
+            let inputs: Vec<&[u32]> = chunk
+                .iter()
+                .map(|q| &q[..q.len().saturating_sub(1)])
+                .collect();
+            let (ids, padding, s) = pad_tokens(&inputs, 0);
+            let mask: Vec<bool> = padding.valid.iter().flatten().copied().collect();
+            let tokens = int_tensor::<Inner<B>>(ids, [chunk.len(), s], &dev);
+            let h = policy.forward_hidden(tokens, &padding, None);
             let mask = Tensor::<Inner<B>, 2, Bool>::from_data(
                 TensorData::new(mask, [chunk.len(), s]),
                 &dev,

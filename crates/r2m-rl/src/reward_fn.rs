@@ -11,9 +11,10 @@ use r2m_core::{R2mError, Result};
 use r2m_data::batches_by_tokens;
 use r2m_data::tokenize::encode_conversation;
 use r2m_models::generate::FinishReason;
-use r2m_models::{ChatMessage, Padding, RewardModel, Tokenizer};
+use r2m_models::{ChatMessage, RewardModel, Tokenizer};
 
 use crate::r2m_reward::RmUpdateStats;
+use crate::reward_training::{int_tensor, pad_tokens};
 use crate::rollout::Rollout;
 
 /// A prompt for RL: its token ids (chat template applied, ending with the generation prompt)
@@ -216,18 +217,11 @@ impl<B: Backend> LearnedRm<B> {
         let mut out = vec![0f32; seqs.len()];
         let (mut lasts, mut done) = (Vec::new(), Vec::new());
         for batch in batches_by_tokens(&order, |i| seqs[i].len(), 1, self.token_budget) {
-            let s = batch.iter().map(|&i| seqs[i].len()).max().unwrap_or(1);
-            let mut ids = Vec::with_capacity(batch.len() * s);
-            let mut valid = Vec::with_capacity(batch.len());
-            for &i in &batch {
-                let r = &seqs[i];
-                ids.extend(r.iter().map(|&t| t as i64));
-                ids.extend(std::iter::repeat_n(0i64, s - r.len()));
-                valid.push((0..s).map(|c| c < r.len()).collect());
-            }
-            let tokens =
-                Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch.len(), s]), &dev);
-            let o = self.model.forward(tokens, &Padding { valid });
+            let rows: Vec<&[u32]> = batch.iter().map(|&i| seqs[i].as_slice()).collect();
+            let (ids, padding, s) = pad_tokens(&rows, 0);
+            let o = self
+                .model
+                .forward(int_tensor::<B>(ids, [batch.len(), s], &dev), &padding);
             let r: Vec<f32> = o
                 .rewards
                 .into_data()

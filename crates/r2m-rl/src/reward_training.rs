@@ -139,8 +139,8 @@ pub enum PairFeatures {
     },
 }
 
-/// Right-pad `rows` of token ids; returns the ids and the padding.
-fn pad_tokens(rows: &[&[u32]], pad: u32) -> (Vec<i64>, Padding, usize) {
+/// Right-pad `rows` of token ids; returns the ids, the padding and the padded length.
+pub(crate) fn pad_tokens(rows: &[&[u32]], pad: u32) -> (Vec<i64>, Padding, usize) {
     let s = rows.iter().map(|r| r.len()).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(rows.len() * s);
     let mut valid = Vec::with_capacity(rows.len());
@@ -152,7 +152,11 @@ fn pad_tokens(rows: &[&[u32]], pad: u32) -> (Vec<i64>, Padding, usize) {
     (ids, Padding { valid }, s)
 }
 
-fn int_tensor<B: Backend>(ids: Vec<i64>, shape: [usize; 2], dev: &B::Device) -> Tensor<B, 2, Int> {
+pub(crate) fn int_tensor<B: Backend>(
+    ids: Vec<i64>,
+    shape: [usize; 2],
+    dev: &B::Device,
+) -> Tensor<B, 2, Int> {
     Tensor::from_data(TensorData::new(ids, shape), dev)
 }
 
