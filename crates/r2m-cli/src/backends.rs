@@ -19,6 +19,14 @@ pub enum DeviceArg {
     Ndarray,
 }
 
+/// `--dtype`: the float type of weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    /// bfloat16 (`--device cuda` only).
+    Bf16,
+}
+
 /// Work that runs on whichever backend was chosen.
 pub trait BackendTask {
     fn run<B: Backend>(self, device: B::Device, backend_name: &str) -> Result<()>;
@@ -30,13 +38,18 @@ fn not_compiled(name: &str, feature: &str) -> R2mError {
     ))
 }
 
-/// Run `task` on the backend `choice` names.
-pub fn dispatch(choice: DeviceArg, task: impl BackendTask) -> Result<()> {
+/// Run `task` on the backend `choice` names, with floats of type `dtype`.
+pub fn dispatch(choice: DeviceArg, dtype: DtypeArg, task: impl BackendTask) -> Result<()> {
     let choice = if choice == DeviceArg::Auto {
         auto_choice()
     } else {
         choice
     };
+    if dtype == DtypeArg::Bf16 && choice != DeviceArg::Cuda {
+        return Err(R2mError::Config(format!(
+            "--dtype bf16 runs on --device cuda only (this run chose {choice:?})"
+        )));
+    }
     match choice {
         DeviceArg::Cpu => {
             #[cfg(feature = "flex")]
@@ -55,7 +68,13 @@ pub fn dispatch(choice: DeviceArg, task: impl BackendTask) -> Result<()> {
         }
         DeviceArg::Cuda => {
             #[cfg(feature = "cuda")]
-            return task.run::<burn::backend::Cuda>(Default::default(), "cuda");
+            return match dtype {
+                DtypeArg::F32 => task.run::<burn::backend::Cuda>(Default::default(), "cuda"),
+                DtypeArg::Bf16 => task.run::<burn::backend::Cuda<burn::tensor::bf16>>(
+                    Default::default(),
+                    "cuda bf16",
+                ),
+            };
             #[cfg(not(feature = "cuda"))]
             return Err(not_compiled("cuda", "cuda"));
         }
@@ -89,12 +108,32 @@ fn auto_choice() -> DeviceArg {
 
 #[cfg(feature = "wgpu")]
 fn wgpu_adapters() -> Vec<wgpu::AdapterInfo> {
+    ensure_runtime_dir();
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
     futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
         .into_iter()
         .map(|a| a.get_info())
         .collect()
 }
+
+/// Vulkan's window-system layers print "XDG_RUNTIME_DIR is invalid or not set" on headless
+/// machines (containers, CI) when probing adapters; give them a private one instead.
+#[cfg(all(feature = "wgpu", unix))]
+fn ensure_runtime_dir() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_some() {
+        return;
+    }
+    let dir = std::env::temp_dir().join("r2m-xdg-runtime");
+    if std::fs::create_dir_all(&dir).is_ok() {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        // Single-threaded here: backends are chosen before any work starts.
+        std::env::set_var("XDG_RUNTIME_DIR", &dir);
+    }
+}
+
+#[cfg(all(feature = "wgpu", not(unix)))]
+fn ensure_runtime_dir() {}
 
 #[cfg(feature = "wgpu")]
 fn wgpu_has_hardware_adapter() -> bool {

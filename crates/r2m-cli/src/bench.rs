@@ -6,17 +6,17 @@
 use std::time::Instant;
 
 use burn::backend::Autodiff;
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::ValueEnum;
 use r2m_core::tensor::gather_log_probs;
 use r2m_core::Result;
-use r2m_models::{load_model, CausalLm, Padding};
+use r2m_models::{generate, load_model, CausalLm, GenerationConfig, Padding};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use crate::backends::{dispatch, BackendTask, DeviceArg};
+use crate::backends::{dispatch, BackendTask, DeviceArg, DtypeArg};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Scenario {
@@ -24,8 +24,11 @@ pub enum Scenario {
     Forward,
     /// Forward pass to the last hidden states, without the LM head (what a reward model runs).
     Hidden,
-    /// Forward + backward + AdamW step, all layers trainable.
+    /// Forward + backward + AdamW step, all layers trainable (or the top `--train-top` blocks).
     Train,
+    /// KV-cache generation: `--gen-prompt` random prompt tokens, exactly `--gen-new` new tokens,
+    /// for each of `--gen-batches`, greedy and sampled.
+    Generate,
     /// One MLP-sized GEMM, `[batch*seq, hidden] x [hidden, intermediate]` (GFLOP/s calibration).
     Gemm,
     /// RL steps of the `--config` run, vanilla and R2M alternating on the same prompts: per-step
@@ -53,10 +56,30 @@ pub struct BenchArgs {
     /// `rl-step`: RL steps of each of vanilla and R2M.
     #[arg(long, default_value_t = 3)]
     rl_steps: usize,
+    /// `train`: only the top N blocks trainable (embeddings, LM head and lower blocks frozen, as
+    /// `model.trainable = "top:N"`: the frozen part runs without autodiff).
+    #[arg(long)]
+    train_top: Option<usize>,
+    /// `generate`: prompt length (random token ids).
+    #[arg(long, default_value_t = 64)]
+    gen_prompt: usize,
+    /// `generate`: new tokens per row (EOS is masked until then, so every row runs to the end).
+    #[arg(long, default_value_t = 128)]
+    gen_new: usize,
+    /// `generate`: batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    gen_batches: Vec<usize>,
+    /// `generate`: `greedy`, `sampled` (temperature 1, no top-k/top-p), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "greedy,sampled")]
+    gen_modes: Vec<String>,
+    /// `train`: the accelerator's dense peak in TFLOP/s for the dtype (e.g. 989 for bf16 on an
+    /// H100/H200); when given, MFU is reported.
+    #[arg(long)]
+    peak_tflops: Option<f64>,
 }
 
-pub fn run(device: DeviceArg, args: BenchArgs) -> Result<()> {
-    dispatch(device, BenchTask(args))
+pub fn run(device: DeviceArg, dtype: DtypeArg, args: BenchArgs) -> Result<()> {
+    dispatch(device, dtype, BenchTask(args))
 }
 
 struct BenchTask(BenchArgs);
@@ -87,15 +110,6 @@ fn random_tokens<B: Backend>(
     Tensor::from_data(TensorData::new(ids, [batch, seq]), dev)
 }
 
-/// Mean next-token cross-entropy of `tokens` under `model`.
-fn lm_loss<B: Backend>(model: &CausalLm<B>, tokens: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-    let [b, s] = tokens.dims();
-    let inputs = tokens.clone().narrow(1, 0, s - 1);
-    let targets = tokens.narrow(1, 1, s - 1);
-    let out = model.forward(inputs, &Padding::none(b, s - 1));
-    gather_log_probs(out.logits, targets).mean().neg()
-}
-
 impl BackendTask for BenchTask {
     fn run<B: Backend>(self, device: B::Device, backend: &str) -> Result<()> {
         let a = self.0;
@@ -108,6 +122,10 @@ impl BackendTask for BenchTask {
             match scenario {
                 Scenario::RlStep => {
                     rl_step::<B>(&a, &device, backend)?;
+                    continue;
+                }
+                Scenario::Generate => {
+                    bench_generate(&model, &a, backend)?;
                     continue;
                 }
                 Scenario::Forward => {
@@ -174,54 +192,180 @@ impl BackendTask for BenchTask {
                     continue;
                 }
                 Scenario::Train => {
-                    let mut m: CausalLm<Autodiff<B>> =
-                        load_model::<Autodiff<B>>(&a.model, &device)?.model;
-                    let mut optim = AdamWConfig::new().init::<Autodiff<B>, CausalLm<Autodiff<B>>>();
-                    let tokens = random_tokens::<Autodiff<B>>(a.batch, a.seq + 1, vocab, &device);
-                    for i in 0..=a.iters {
-                        let t0 = Instant::now();
-                        let loss = lm_loss(&m, tokens.clone());
-                        let grads = GradientsParams::from_grads(loss.backward(), &m);
-                        m = optim.step(1e-5, m, grads);
-                        // Wait for the update to finish before stopping the clock.
-                        let _ = m
-                            .valid()
-                            .embed_tokens
-                            .val()
-                            .narrow(0, 0, 1)
-                            .sum()
-                            .into_scalar();
-                        if i > 0 {
-                            times.push(t0.elapsed().as_secs_f64());
-                        }
-                    }
+                    times = bench_train::<B>(&a, &device)?;
                 }
             }
             let secs = median(times);
             let name = match scenario {
                 Scenario::Forward => "forward",
                 Scenario::Hidden => "hidden",
-                Scenario::Gemm | Scenario::RlStep => unreachable!("reported above"),
+                Scenario::Gemm | Scenario::RlStep | Scenario::Generate => {
+                    unreachable!("reported above")
+                }
                 Scenario::Train => "train",
             };
             let tps = tokens_per_iter / secs;
             let peak = peak_rss_mib();
+            // Training FLOPs per token (PaLM appendix B): 6 x (non-embedding params + LM head)
+            // + 12 x layers x hidden x seq for attention. Only meaningful with all layers trainable.
+            let train_flops = (*scenario == Scenario::Train && a.train_top.is_none()).then(|| {
+                let c = &model.config;
+                let p_body = (model.num_params() - c.vocab_size * c.hidden_size) as f64;
+                let p_head = (c.vocab_size * c.hidden_size) as f64;
+                let per_token =
+                    6.0 * (p_body + p_head) + 12.0 * (c.num_layers * c.hidden_size * a.seq) as f64;
+                per_token * tps
+            });
+            let mfu = train_flops.zip(a.peak_tflops).map(|(f, p)| f / (p * 1e12));
+            let top = a.train_top.filter(|_| *scenario == Scenario::Train);
             println!(
-                "r2m {name:<8} backend={backend} batch={}x{} {:.1} ms/iter {:.1} tokens/s peak_rss={:.0} MiB",
+                "r2m {name:<8} backend={backend} batch={}x{}{} {:.1} ms/iter {:.1} tokens/s{}{} peak_rss={:.0} MiB",
                 a.batch,
                 a.seq,
+                top.map(|n| format!(" top:{n}")).unwrap_or_default(),
+                secs * 1e3,
+                tps,
+                train_flops.map(|f| format!(" {:.2} TFLOP/s", f / 1e12)).unwrap_or_default(),
+                mfu.map(|m| format!(" MFU {:.1}%", 100.0 * m)).unwrap_or_default(),
+                peak.unwrap_or(f64::NAN)
+            );
+            println!(
+                "{}",
+                serde_json::json!({"impl": "r2m", "backend": backend, "scenario": name, "batch": a.batch,
+                    "seq": a.seq, "train_top": top, "ms_per_iter": secs * 1e3, "tokens_per_s": tps,
+                    "tflops": train_flops.map(|f| f / 1e12), "mfu": mfu, "peak_rss_mib": peak})
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Forward + backward + AdamW on `batch x seq` random tokens; the seconds of each timed step.
+/// With `--train-top N`, the frozen lower blocks run on the inner backend (no autodiff graph) and
+/// only the top N blocks train, as the RL trainer does.
+fn bench_train<B: Backend>(a: &BenchArgs, device: &B::Device) -> Result<Vec<f64>> {
+    let mut m: CausalLm<Autodiff<B>> = load_model::<Autodiff<B>>(&a.model, device)?.model;
+    let n_layers = m.layers.len();
+    let start = match a.train_top {
+        Some(k) if k > n_layers => {
+            return Err(r2m_core::R2mError::Config(format!(
+                "--train-top {k}: the model has only {n_layers} blocks"
+            )))
+        }
+        Some(k) => {
+            m.embed_tokens = m.embed_tokens.set_require_grad(false);
+            if let Some(h) = m.lm_head.take() {
+                m.lm_head = Some(r2m_models::model::Linear {
+                    weight: h.weight.set_require_grad(false),
+                    bias: h.bias.map(|b| b.set_require_grad(false)),
+                });
+            }
+            n_layers - k
+        }
+        None => 0,
+    };
+    let mut optim = AdamWConfig::new().init::<Autodiff<B>, CausalLm<Autodiff<B>>>();
+    let vocab = m.config.vocab_size;
+    let tokens = random_tokens::<Autodiff<B>>(a.batch, a.seq + 1, vocab, device);
+    let (inputs, targets) = (
+        tokens.clone().narrow(1, 0, a.seq),
+        tokens.narrow(1, 1, a.seq),
+    );
+    let padding = Padding::none(a.batch, a.seq);
+    let mut times = Vec::new();
+    for i in 0..=a.iters {
+        let t0 = Instant::now();
+        let x = if start > 0 {
+            let frozen = m.valid();
+            let x = frozen.forward_layers(
+                frozen.embed(inputs.clone().inner()),
+                &padding,
+                0..start,
+                None,
+            );
+            Tensor::from_inner(x)
+        } else {
+            m.embed(inputs.clone())
+        };
+        let h = m
+            .norm
+            .forward(m.forward_layers(x, &padding, start..n_layers, None));
+        let loss = gather_log_probs(m.lm_head(h), targets.clone()).mean().neg();
+        let grads = GradientsParams::from_grads(loss.backward(), &m);
+        m = optim.step(1e-5, m, grads);
+        // Wait for the update to finish before stopping the clock.
+        let _ = m.layers[n_layers - 1]
+            .mlp
+            .down_proj
+            .weight
+            .val()
+            .narrow(0, 0, 1)
+            .sum()
+            .into_scalar();
+        if i > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(times)
+}
+
+/// KV-cache generation throughput: new tokens x batch / wall time (prefill included).
+fn bench_generate<B: Backend>(model: &CausalLm<B>, a: &BenchArgs, backend: &str) -> Result<()> {
+    let vocab = model.config.vocab_size;
+    for mode in &a.gen_modes {
+        let temperature = match mode.as_str() {
+            "greedy" => 0.0,
+            "sampled" => 1.0,
+            other => {
+                return Err(r2m_core::R2mError::Config(format!(
+                    "--gen-modes: unknown mode `{other}` (greedy, sampled)"
+                )))
+            }
+        };
+        for &batch in &a.gen_batches {
+            let mut rng = StdRng::seed_from_u64(batch as u64);
+            let prompts: Vec<Vec<u32>> = (0..batch)
+                .map(|_| {
+                    (0..a.gen_prompt)
+                        .map(|_| rng.random_range(0..vocab as u32))
+                        .collect()
+                })
+                .collect();
+            let cfg = GenerationConfig {
+                max_new_tokens: a.gen_new,
+                min_new_tokens: a.gen_new,
+                temperature,
+                ..Default::default()
+            };
+            let mut times = Vec::new();
+            for i in 0..=a.iters {
+                let t0 = Instant::now();
+                let out = generate(model, None, &prompts, &cfg)?;
+                debug_assert!(out.iter().all(|g| g.tokens.len() == a.gen_new));
+                if i > 0 {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+            }
+            let secs = median(times);
+            let tps = (batch * a.gen_new) as f64 / secs;
+            let peak = peak_rss_mib();
+            println!(
+                "r2m generate backend={backend} batch={batch} {mode} prompt={} new={} {:.1} ms {:.1} tokens/s peak_rss={:.0} MiB",
+                a.gen_prompt,
+                a.gen_new,
                 secs * 1e3,
                 tps,
                 peak.unwrap_or(f64::NAN)
             );
             println!(
                 "{}",
-                serde_json::json!({"impl": "r2m", "backend": backend, "scenario": name, "batch": a.batch,
-                    "seq": a.seq, "ms_per_iter": secs * 1e3, "tokens_per_s": tps, "peak_rss_mib": peak})
+                serde_json::json!({"impl": "r2m", "backend": backend, "scenario": "generate",
+                    "mode": mode, "batch": batch, "prompt_len": a.gen_prompt, "new_tokens": a.gen_new,
+                    "ms_per_iter": secs * 1e3, "tokens_per_s": tps, "peak_rss_mib": peak})
             );
         }
-        Ok(())
     }
+    Ok(())
 }
 
 /// Vanilla and R2M RL steps, alternating so that both see the same machine load.
@@ -239,7 +383,7 @@ fn rl_step<B: Backend>(a: &BenchArgs, device: &B::Device, backend: &str) -> Resu
     })?;
     let loaded = load_model::<Autodiff<B>>(&cfg.model.policy, device)?;
     let tok = loaded.tokenizer()?.clone();
-    let prompts = crate::train::load_prompts(&cfg, &tok)?;
+    let prompts = r2m_rl::load_prompts(&cfg, &tok)?;
     let d_p = loaded.model.config.hidden_size;
     let mut vanilla_cfg = cfg.clone();
     vanilla_cfg.r2m.method = RmMethod::Vanilla;

@@ -2,6 +2,7 @@
 
 mod backends;
 mod bench;
+mod demo;
 mod rm;
 mod train;
 
@@ -14,7 +15,7 @@ use clap::{Parser, Subcommand};
 use r2m_core::Result;
 use r2m_models::{generate, load_model, save_hf_dir, ChatMessage, GenerationConfig};
 
-use backends::{dispatch, BackendTask, DeviceArg};
+use backends::{dispatch, BackendTask, DeviceArg, DtypeArg};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -26,12 +27,19 @@ struct Cli {
     /// Backend to run on.
     #[arg(long, value_enum, default_value = "auto", global = true)]
     device: DeviceArg,
+    /// Float type of weights and activations.
+    #[arg(long, value_enum, default_value = "f32", global = true)]
+    dtype: DtypeArg,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The whole method in a few minutes: fetch SmolLM2, prepare a reward model on real HH-RLHF
+    /// pairs, run RLOO with the R2M reward; writes a run directory with metrics, plots, samples,
+    /// checkpoints and the final policy.
+    Demo(demo::DemoArgs),
     /// Generate a completion for one or more prompts (batched).
     Generate(GenerateArgs),
     /// Save a model (e.g. the GGUF default) as an HF directory that `transformers` loads.
@@ -53,6 +61,22 @@ enum Command {
     Train(train::TrainArgs),
     /// Benchmarks (tokens/s), printed as text and one JSON line each.
     Bench(bench::BenchArgs),
+    /// Print the default RL config with every key documented, or check a config file.
+    Config(ConfigArgs),
+}
+
+#[derive(clap::Args, Debug)]
+#[command(group = clap::ArgGroup::new("what").required(true))]
+struct ConfigArgs {
+    /// Print `configs/rl-default.toml`: every key, its default and what it does.
+    #[arg(long, group = "what")]
+    print_default: bool,
+    /// Check a config file (with `--set` overrides) and print it resolved.
+    #[arg(long, group = "what", value_name = "FILE")]
+    check: Option<PathBuf>,
+    /// Override a key, e.g. `--set rollout.max_new_tokens=32`.
+    #[arg(long, value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -113,6 +137,7 @@ impl BackendTask for GenerateTask {
             seed: a.seed,
             stop_strings: a.stop.clone(),
             eos_token_ids: Vec::new(),
+            min_new_tokens: 0,
         };
         let t0 = Instant::now();
         let outs = generate(&loaded.model, Some(tok), &prompts, &cfg)?;
@@ -150,17 +175,30 @@ impl BackendTask for ExportTask {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Generate(a) => dispatch(cli.device, GenerateTask(a)),
-        Command::Export { model, out } => dispatch(cli.device, ExportTask { model, out }),
+        Command::Generate(a) => dispatch(cli.device, cli.dtype, GenerateTask(a)),
+        Command::Export { model, out } => {
+            dispatch(cli.device, cli.dtype, ExportTask { model, out })
+        }
         Command::Fetch => {
             let path = r2m_models::hub::fetch_smollm2(&mut |msg| eprintln!("{msg}"))?;
             println!("{}", path.display());
             Ok(())
         }
-        Command::TrainRm(a) => dispatch(cli.device, rm::TrainRmTask(a)),
-        Command::EvalRm(a) => dispatch(cli.device, rm::EvalRmTask(a)),
-        Command::Train(a) => dispatch(cli.device, train::TrainTask(a)),
-        Command::Bench(a) => bench::run(cli.device, a),
+        Command::TrainRm(a) => dispatch(cli.device, cli.dtype, rm::TrainRmTask(a)),
+        Command::EvalRm(a) => dispatch(cli.device, cli.dtype, rm::EvalRmTask(a)),
+        Command::Train(a) => dispatch(cli.device, cli.dtype, train::TrainTask(a)),
+        Command::Bench(a) => bench::run(cli.device, cli.dtype, a),
+        Command::Demo(a) => dispatch(cli.device, cli.dtype, demo::DemoTask(a)),
+        Command::Config(a) => {
+            if a.print_default {
+                print!("{}", r2m_rl::config::DEFAULT_CONFIG_TOML);
+            } else if let Some(path) = a.check {
+                let cfg = r2m_rl::RlConfig::load(&path)?.with_overrides(&a.set)?;
+                print!("{}", cfg.to_toml());
+                eprintln!("{}: ok", path.display());
+            }
+            Ok(())
+        }
     }
 }
 

@@ -54,6 +54,17 @@ pub enum R2mError {
     #[error("fetch: {0}")]
     Fetch(String),
 
+    /// A loss, reward or gradient became NaN or infinite; the run stops rather than train on it.
+    #[error("step {step}: {tensor} is not finite ({value}); {saved}")]
+    NonFinite {
+        step: usize,
+        /// What was not finite, e.g. `policy gradient norm` or `reward of row 3`.
+        tensor: String,
+        value: f64,
+        /// What was saved before stopping, for the message.
+        saved: String,
+    },
+
     /// Anything else, with a description.
     #[error("{0}")]
     Other(String),
@@ -65,6 +76,16 @@ impl R2mError {
         Self::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// A non-finite `value` of `tensor` at RL step `step` (the caller fills in what it saved).
+    pub fn non_finite(step: usize, tensor: impl Into<String>, value: f64) -> Self {
+        Self::NonFinite {
+            step,
+            tensor: tensor.into(),
+            value,
+            saved: "nothing saved yet".into(),
         }
     }
 

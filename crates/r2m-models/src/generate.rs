@@ -26,6 +26,10 @@ pub struct GenerationConfig {
     pub stop_strings: Vec<String>,
     /// Stop a row after it emits one of these ids (the checkpoint's EOS if empty).
     pub eos_token_ids: Vec<u32>,
+    /// EOS cannot be sampled before this many new tokens (as HF's `min_new_tokens`); benchmarks
+    /// set it to `max_new_tokens` so that every row runs to the end.
+    #[serde(default)]
+    pub min_new_tokens: usize,
 }
 
 impl Default for GenerationConfig {
@@ -38,6 +42,7 @@ impl Default for GenerationConfig {
             seed: 0,
             stop_strings: Vec::new(),
             eos_token_ids: Vec::new(),
+            min_new_tokens: 0,
         }
     }
 }
@@ -107,16 +112,25 @@ pub fn generate<B: Backend>(
     let mut done = vec![false; b];
 
     let mut input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, max_len]), &dev);
-    for _step in 0..cfg.max_new_tokens {
+    for step in 0..cfg.max_new_tokens {
         let hidden = model.forward_hidden(input, &padding, Some(&mut cache));
         let s = hidden.dims()[1];
         let logits = model.lm_head(hidden.narrow(1, s - 1, 1));
         let vocab = logits.dims()[2];
-        let logits = logits
+        let mut logits = logits
             .into_data()
             .convert::<f32>()
             .to_vec::<f32>()
             .expect("f32 logits");
+        if step < cfg.min_new_tokens {
+            for r in 0..b {
+                for &e in &eos {
+                    if let Some(l) = logits.get_mut(r * vocab + e as usize) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
         let mut next = Vec::with_capacity(b);
         for r in 0..b {
             if done[r] {
@@ -173,33 +187,47 @@ pub fn sample(logits: &[f32], cfg: &GenerationConfig, rng: &mut impl Rng) -> (u3
     };
     let scaled: Vec<f32> = logits.iter().map(|&l| l / t).collect();
     let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let log_z = max + scaled.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+    let exps: Vec<f32> = scaled.iter().map(|&l| (l - max).exp()).collect();
+    let log_z = max + exps.iter().sum::<f32>().ln();
     if cfg.temperature <= 0.0 {
         // First index of the maximum, like torch.argmax.
         let tok = scaled.iter().position(|&l| l == max).unwrap_or(0);
         return (tok as u32, scaled[tok] - log_z);
     }
-    // Candidates sorted by probability, cut by top-k then top-p.
-    let mut idx: Vec<usize> = (0..scaled.len()).collect();
-    idx.sort_unstable_by(|&a, &b| scaled[b].total_cmp(&scaled[a]).then(a.cmp(&b)));
-    if let Some(k) = cfg.top_k {
-        idx.truncate(k.max(1));
-    }
-    let mut probs: Vec<f32> = idx.iter().map(|&i| (scaled[i] - max).exp()).collect();
-    if let Some(p) = cfg.top_p {
-        let total: f32 = probs.iter().sum();
-        let mut cum = 0.0;
-        let mut keep = probs.len();
-        for (j, q) in probs.iter().enumerate() {
-            cum += q / total;
-            if cum >= p {
-                keep = j + 1;
-                break;
+    let (idx, probs): (Vec<usize>, Vec<f32>) =
+        if cfg.top_k.is_none() && cfg.top_p.is_none_or(|p| p >= 1.0) {
+            // Plain sampling: the whole vocabulary in index order, no sort (O(vocab)).
+            ((0..scaled.len()).collect(), exps)
+        } else {
+            // Candidates by probability (ties by index): top-k by partial selection, then sorted
+            // for the top-p cut.
+            let by_prob = |a: &usize, b: &usize| scaled[*b].total_cmp(&scaled[*a]).then(a.cmp(b));
+            let mut idx: Vec<usize> = (0..scaled.len()).collect();
+            if let Some(k) = cfg.top_k {
+                let k = k.clamp(1, idx.len());
+                if k < idx.len() {
+                    idx.select_nth_unstable_by(k - 1, by_prob);
+                    idx.truncate(k);
+                }
             }
-        }
-        idx.truncate(keep);
-        probs.truncate(keep);
-    }
+            idx.sort_unstable_by(by_prob);
+            let mut probs: Vec<f32> = idx.iter().map(|&i| exps[i]).collect();
+            if let Some(p) = cfg.top_p {
+                let total: f32 = probs.iter().sum();
+                let mut cum = 0.0;
+                let mut keep = probs.len();
+                for (j, q) in probs.iter().enumerate() {
+                    cum += q / total;
+                    if cum >= p {
+                        keep = j + 1;
+                        break;
+                    }
+                }
+                idx.truncate(keep);
+                probs.truncate(keep);
+            }
+            (idx, probs)
+        };
     let total: f32 = probs.iter().sum();
     let mut u = rng.random::<f32>() * total;
     let mut pick = idx[idx.len() - 1];
@@ -268,5 +296,45 @@ mod tests {
         };
         assert_eq!(run(3), run(3));
         assert_ne!(run(3), run(4));
+    }
+
+    #[test]
+    fn plain_and_top_k_sampling_follow_the_softmax() {
+        let logits = [0.5f32, 2.0, -1.0, 1.0, 0.0, 1.5];
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        let mut rng = StdRng::seed_from_u64(11);
+        let n = 20_000;
+        for top_k in [None, Some(3)] {
+            let cfg = GenerationConfig {
+                temperature: 1.0,
+                top_k,
+                ..Default::default()
+            };
+            let mut seen = [0usize; 6];
+            for _ in 0..n {
+                let (tok, lp) = sample(&logits, &cfg, &mut rng);
+                // The log-prob is always under the full, untruncated distribution.
+                assert!((lp - (logits[tok as usize] - z.ln())).abs() < 1e-5);
+                seen[tok as usize] += 1;
+            }
+            // Top 3 by logit: tokens 1, 5, 3.
+            let support: Vec<usize> = match top_k {
+                None => (0..6).collect(),
+                Some(_) => vec![1, 5, 3],
+            };
+            let zs: f32 = support.iter().map(|&i| logits[i].exp()).sum();
+            for i in 0..6 {
+                let want = if support.contains(&i) {
+                    logits[i].exp() / zs
+                } else {
+                    0.0
+                };
+                let got = seen[i] as f32 / n as f32;
+                assert!(
+                    (got - want).abs() < 0.015,
+                    "{top_k:?} token {i}: {got} vs {want}"
+                );
+            }
+        }
     }
 }

@@ -38,12 +38,25 @@ pub enum ModelSource {
     HfDir(PathBuf),
     /// A GGUF file.
     Gguf(PathBuf),
+    /// `random:CONFIG.json`: the architecture an HF `config.json` describes, with made-up weights
+    /// and no tokenizer (for benchmarks).
+    Random(PathBuf),
 }
 
 /// Resolve `--model`: `smollm2` (fetched and cached on first use), a directory, or a `.gguf` file.
 pub fn resolve_model(spec: &str) -> Result<ModelSource> {
     if spec == DEFAULT_MODEL {
         return Ok(ModelSource::Gguf(fetch_smollm2(&mut |_| {})?));
+    }
+    if let Some(config) = spec.strip_prefix("random:") {
+        let p = PathBuf::from(config);
+        return if p.is_file() {
+            Ok(ModelSource::Random(p))
+        } else {
+            Err(R2mError::Other(format!(
+                "--model {spec}: {config} is not a file (give random:PATH/config.json)"
+            )))
+        };
     }
     let p = PathBuf::from(spec);
     if p.is_dir() {
@@ -52,7 +65,7 @@ pub fn resolve_model(spec: &str) -> Result<ModelSource> {
         Ok(ModelSource::Gguf(p))
     } else {
         Err(R2mError::Other(format!(
-            "--model {spec}: no such file or directory (give `{DEFAULT_MODEL}`, an HF checkpoint directory, or a .gguf file)"
+            "--model {spec}: no such file or directory (give `{DEFAULT_MODEL}`, an HF checkpoint directory, a .gguf file, or random:CONFIG.json)"
         )))
     }
 }

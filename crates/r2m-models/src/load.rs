@@ -10,7 +10,7 @@ use crate::gguf::GgufFile;
 use crate::hub::{resolve_model, ModelSource};
 use crate::model::CausalLm;
 use crate::tokenizer::Tokenizer;
-use crate::weights::{load_safetensors_dir, save_safetensors};
+use crate::weights::{load_safetensors_dir, save_safetensors, WeightMap};
 
 /// A model with its tokenizer (`None` for a checkpoint directory without `tokenizer.json`).
 #[derive(Debug)]
@@ -29,11 +29,21 @@ impl<B: Backend> Loaded<B> {
     }
 }
 
-/// Load `spec`: `smollm2`, an HF directory or a `.gguf` file.
+/// Load `spec`: `smollm2`, an HF directory, a `.gguf` file, or `random:CONFIG.json` (made-up
+/// weights, for benchmarks).
 pub fn load_model<B: Backend>(spec: &str, device: &B::Device) -> Result<Loaded<B>> {
     match resolve_model(spec)? {
         ModelSource::HfDir(dir) => load_hf_dir(&dir, device),
         ModelSource::Gguf(path) => load_gguf(&path, device),
+        ModelSource::Random(config) => {
+            let cfg = ModelConfig::from_hf_file(&config)?;
+            let mut weights = WeightMap::random(&config, 0);
+            let model = CausalLm::from_weights(&cfg, &mut weights, device)?;
+            Ok(Loaded {
+                model,
+                tokenizer: None,
+            })
+        }
     }
 }
 

@@ -59,6 +59,10 @@ impl RawTensor {
 pub struct WeightMap {
     pub source: PathBuf,
     pub tensors: HashMap<String, RawTensor>,
+    /// When set, a tensor the map lacks is made up instead of being an error: norm weights 1,
+    /// biases 0, everything else uniform with std 0.02, seeded by this value and the name.
+    /// For benchmarks of an architecture without its weights (`random:CONFIG.json`).
+    pub random_fill: Option<u64>,
 }
 
 impl WeightMap {
@@ -66,6 +70,15 @@ impl WeightMap {
         Self {
             source: source.into(),
             tensors: HashMap::new(),
+            random_fill: None,
+        }
+    }
+
+    /// An empty map whose every tensor is made up on request (see [`WeightMap::random_fill`]).
+    pub fn random(source: impl Into<PathBuf>, seed: u64) -> Self {
+        Self {
+            random_fill: Some(seed),
+            ..Self::new(source)
         }
     }
 
@@ -79,6 +92,9 @@ impl WeightMap {
 
     /// Remove and return the tensor `name`, checking its shape.
     pub fn take_raw(&mut self, name: &str, expected: &[usize]) -> Result<RawTensor> {
+        if let (Some(seed), false) = (self.random_fill, self.tensors.contains_key(name)) {
+            return Ok(made_up_tensor(name, expected, seed));
+        }
         let t = self
             .tensors
             .remove(name)
@@ -126,6 +142,26 @@ impl WeightMap {
         names.sort();
         names
     }
+}
+
+/// A stand-in tensor for `name`: norm weights 1, biases 0, else uniform with std 0.02.
+fn made_up_tensor(name: &str, shape: &[usize], seed: u64) -> RawTensor {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let n: usize = shape.iter().product();
+    let data = if name.ends_with(".bias") {
+        vec![0.0; n]
+    } else if name.contains("norm") {
+        vec![1.0; n]
+    } else {
+        // FNV-1a of the name, so each tensor gets its own stream.
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        let mut rng = StdRng::seed_from_u64(seed ^ h);
+        let a = 0.02 * 3f32.sqrt();
+        (0..n).map(|_| rng.random_range(-a..a)).collect()
+    };
+    RawTensor::new(shape.to_vec(), data)
 }
 
 /// Upload a host tensor to `device`.

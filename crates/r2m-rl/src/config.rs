@@ -334,6 +334,11 @@ pub struct RunSection {
     pub log_samples: usize,
     /// Save the final policy as an HF directory `RUN/final/`.
     pub save_final: bool,
+    /// Write a checkpoint (`RUN/checkpoints/step-NNNNNN/`) every N steps; 0 = only at the end
+    /// (and on Ctrl-C). `r2m train --resume RUN` continues from the newest one.
+    pub checkpoint_every: usize,
+    /// Checkpoints kept; older ones are deleted once a newer one is complete.
+    pub keep_checkpoints: usize,
 }
 
 impl Default for RunSection {
@@ -344,15 +349,57 @@ impl Default for RunSection {
             out: PathBuf::from("runs/rl"),
             log_samples: 2,
             save_final: true,
+            checkpoint_every: 5,
+            keep_checkpoints: 2,
         }
     }
+}
+
+/// `configs/rl-default.toml`: every key with its default and what it does
+/// (`r2m config --print-default`).
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../../configs/rl-default.toml");
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" plus the nearest valid key.
+fn with_suggestion(msg: &str) -> String {
+    let Some(rest) = msg.strip_prefix("unknown field `") else {
+        return msg.to_string();
+    };
+    let Some((unknown, expected)) = rest.split_once('`') else {
+        return msg.to_string();
+    };
+    let nearest = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|k| (edit_distance(unknown, k), k))
+        .min();
+    match nearest {
+        Some((d, k)) if d <= unknown.len().max(3) => format!("{msg}; did you mean `{k}`?"),
+        _ => msg.to_string(),
+    }
+}
+
+/// Levenshtein distance.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 impl RlConfig {
     /// Parse TOML text; `origin` names the source in errors.
     pub fn from_toml_str(text: &str, origin: &Path) -> Result<Self> {
         let cfg: Self = toml::from_str(text).map_err(|e| {
-            let msg = e.message().to_string();
+            let msg = with_suggestion(e.message());
             let at = e
                 .span()
                 .map(|s| {
@@ -370,6 +417,44 @@ impl RlConfig {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| R2mError::io(path, e))?;
         Self::from_toml_str(&text, path)
+    }
+
+    /// Apply command-line overrides `section.key=value` (the value in TOML syntax; a bare word
+    /// is taken as a string), checked like the file: unknown keys are named with the nearest
+    /// valid one, and the result is validated.
+    pub fn with_overrides(&self, sets: &[String]) -> Result<Self> {
+        if sets.is_empty() {
+            return Ok(self.clone());
+        }
+        let mut root = toml::Table::try_from(self).expect("config serialises");
+        for set in sets {
+            let bad = |msg: String| R2mError::Config(format!("--set {set}: {msg}"));
+            let (key, raw) = set
+                .split_once('=')
+                .ok_or_else(|| bad("expected section.key=value".into()))?;
+            let (key, raw) = (key.trim(), raw.trim());
+            let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+            let path: Vec<&str> = key.split('.').collect();
+            let (last, parents) = path.split_last().expect("split yields one item");
+            let mut table = &mut root;
+            for p in parents {
+                table = table
+                    .entry(p.to_string())
+                    .or_insert_with(|| toml::Value::Table(Default::default()))
+                    .as_table_mut()
+                    .ok_or_else(|| bad(format!("`{p}` is not a section")))?;
+            }
+            table.insert(last.to_string(), value);
+        }
+        let cfg: Self = root.try_into().map_err(|e: toml::de::Error| {
+            R2mError::Config(format!("--set: {}", with_suggestion(e.message())))
+        })?;
+        cfg.validate()
+            .map_err(|e| R2mError::Config(format!("--set: {e}")))?;
+        Ok(cfg)
     }
 
     /// The resolved config as TOML.
@@ -446,16 +531,21 @@ impl RlConfig {
 mod tests {
     use super::*;
 
-    #[test]
-    fn defaults_round_trip_through_toml() {
-        let cfg = RlConfig {
+    /// The default config with a rule reward (valid without any file).
+    fn rule_config() -> RlConfig {
+        RlConfig {
             reward: RewardSection {
                 kind: RewardKind::Rule,
                 rule: Some("length:10".into()),
                 ..Default::default()
             },
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn defaults_round_trip_through_toml() {
+        let cfg = rule_config();
         let text = cfg.to_toml();
         let back = RlConfig::from_toml_str(&text, Path::new("x.toml")).unwrap();
         assert_eq!(cfg, back);
@@ -471,10 +561,85 @@ mod tests {
             e.contains("temprature") && e.contains("run.toml") && e.contains("line 3"),
             "{e}"
         );
+        assert!(e.contains("did you mean `temperature`?"), "{e}");
         let e = RlConfig::from_toml_str("[algo]\nadvantage = \"ppo\"\n", Path::new("r.toml"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("ppo") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_and_missing_files_are_one_line_errors_naming_them() {
+        let e = RlConfig::from_toml_str("[run]\n\nsteps = \"ten\"\n", Path::new("run.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("run.toml") && e.contains("line 3") && !e.contains('\n'),
+            "{e}"
+        );
+        let e = RlConfig::load(Path::new("no/such/run.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no/such/run.toml") && !e.contains('\n'), "{e}");
+        let e = RlConfig::from_toml_str("[rollot]\n", Path::new("r.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did you mean `rollout`?"), "{e}");
+    }
+
+    #[test]
+    fn command_line_overrides_are_checked_like_the_file() {
+        let cfg = rule_config();
+        let o = cfg
+            .with_overrides(&[
+                "rollout.max_new_tokens=32".into(),
+                "r2m.method=vanilla".into(),
+                "run.out = \"runs/x\"".into(),
+                "optim.lr=3e-6".into(),
+            ])
+            .unwrap();
+        assert_eq!(o.rollout.max_new_tokens, 32);
+        assert_eq!(o.r2m.method, RmMethod::Vanilla);
+        assert_eq!(o.run.out, PathBuf::from("runs/x"));
+        assert_eq!(o.optim.lr, 3e-6);
+        let e = cfg
+            .with_overrides(&["rollout.max_new_tokns=3".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("max_new_tokns") && e.contains("did you mean `max_new_tokens`?"),
+            "{e}"
+        );
+        let e = cfg
+            .with_overrides(&["rollout.max_new_tokens=many".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--set"), "{e}");
+        assert!(cfg.with_overrides(&["no-equals-sign".into()]).is_err());
+    }
+
+    #[test]
+    fn the_default_config_file_documents_every_key() {
+        // Every key of the resolved default config appears in rl-default.toml, set or commented.
+        let resolved: toml::Table = toml::from_str(&RlConfig::default().to_toml()).unwrap();
+        let doc = DEFAULT_CONFIG_TOML;
+        for (section, v) in &resolved {
+            let Some(t) = v.as_table() else { continue };
+            let header = format!("[{section}]");
+            let start = doc
+                .find(&header)
+                .unwrap_or_else(|| panic!("{header} missing"));
+            let body = &doc[start..];
+            let body = &body[..body[1..].find("\n[").map_or(body.len(), |i| i + 1)];
+            for key in t.keys() {
+                let set = format!("\n{key} =");
+                let commented = format!("\n# {key} =");
+                assert!(
+                    body.contains(&set) || body.contains(&commented),
+                    "{section}.{key} is not documented in configs/rl-default.toml"
+                );
+            }
+        }
     }
 
     #[test]

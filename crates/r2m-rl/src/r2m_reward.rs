@@ -34,7 +34,7 @@ type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 pub type Feedback<B> = (Tensor<B, 3>, Tensor<B, 2, Bool>);
 
 /// What the reward model's update did in one RL step (flattened into `metrics.jsonl`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct RmUpdateStats {
     /// w(t) used to score this step.
     pub r2m_w: f64,
@@ -82,7 +82,9 @@ pub struct R2mReward<B: AutodiffBackend> {
     optim: OptimizerAdaptor<AdamW, R2mHead<B>, B>,
     /// `H_last` of the current rollout's rows, computed when scoring and reused by the update.
     h_last: Option<Tensor<Inner<B>, 2>>,
-    rng: StdRng,
+    /// Noise draws so far (w/ Noise control); each draw seeds its own stream from it, so that a
+    /// resumed run draws the same noise.
+    noise_draws: usize,
     /// RM optimizer steps taken.
     pub updates: usize,
 }
@@ -96,6 +98,8 @@ pub struct R2mStateInfo {
     pub d_p: usize,
     pub width: usize,
     pub updates: usize,
+    #[serde(default)]
+    pub noise_draws: usize,
 }
 
 /// Rows scored per fusion-head call.
@@ -125,7 +129,7 @@ impl<B: AutodiffBackend> R2mReward<B> {
             .with_weight_decay(0.0)
             .init::<B, R2mHead<B>>();
         Self {
-            rng: StdRng::seed_from_u64(cfg.seed ^ 0x0015_e5ee_d000),
+            noise_draws: 0,
             cfg,
             rm,
             head: R2mHead { fusion, score },
@@ -156,6 +160,7 @@ impl<B: AutodiffBackend> R2mReward<B> {
             d_p: self.head.fusion.w_k.dims()[0],
             width,
             updates: self.updates,
+            noise_draws: self.noise_draws,
         };
         let p = dir.join("r2m.json");
         std::fs::write(&p, serde_json::to_string_pretty(&info).expect("json"))
@@ -195,6 +200,7 @@ impl<B: AutodiffBackend> R2mReward<B> {
         let fresh = AdamWConfig::new().init::<B, R2mHead<B>>();
         self.optim = std::mem::replace(&mut self.optim, fresh).load_record(record);
         self.updates = info.updates;
+        self.noise_draws = info.noise_draws;
         Ok(())
     }
 
@@ -286,6 +292,12 @@ impl<B: AutodiffBackend> R2mReward<B> {
             return Ok((h, mask));
         }
         let v: Vec<f32> = h.into_data().convert::<f32>().to_vec().expect("f32");
+        let mut rng = StdRng::seed_from_u64(
+            self.cfg.seed
+                ^ 0x0015_e5ee_d000
+                ^ (self.noise_draws as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        self.noise_draws += 1;
         let (mut n, mut sum, mut sq) = (0f64, 0f64, 0f64);
         for (p, &ok) in valid.iter().enumerate() {
             if ok {
@@ -301,8 +313,7 @@ impl<B: AutodiffBackend> R2mReward<B> {
         let noise: Vec<f32> = (0..rows * s * d)
             .map(|_| {
                 // Box-Muller
-                let (u1, u2): (f64, f64) =
-                    (self.rng.random::<f64>().max(1e-300), self.rng.random());
+                let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
                 (mean + std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
             })
             .collect();
@@ -412,5 +423,9 @@ impl<B: AutodiffBackend> RolloutReward<Inner<B>> for R2mReward<B> {
 
     fn save_state(&self, dir: &std::path::Path) -> Result<()> {
         self.save(dir)
+    }
+
+    fn load_state(&mut self, dir: &std::path::Path) -> Result<()> {
+        R2mReward::load_state(self, dir)
     }
 }

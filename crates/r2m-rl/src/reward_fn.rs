@@ -8,8 +8,8 @@
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use r2m_core::{R2mError, Result};
-use r2m_data::batches_by_tokens;
 use r2m_data::tokenize::encode_conversation;
+use r2m_data::{batches_by_tokens, read_prompts, ReadOptions};
 use r2m_models::generate::FinishReason;
 use r2m_models::{ChatMessage, RewardModel, Tokenizer};
 
@@ -62,6 +62,10 @@ pub trait RolloutReward<B: Backend> {
     }
     /// Save whatever the reward trains (R2M: fusion head, `phi`, optimizer state) into `dir`.
     fn save_state(&self, _dir: &std::path::Path) -> Result<()> {
+        Ok(())
+    }
+    /// Restore what [`RolloutReward::save_state`] wrote (a resumed run).
+    fn load_state(&mut self, _dir: &std::path::Path) -> Result<()> {
         Ok(())
     }
 }
@@ -261,6 +265,49 @@ impl<B: Backend> RewardFn for LearnedRm<B> {
             .collect::<Result<Vec<_>>>()?;
         Ok(self.score_sequences(&seqs))
     }
+}
+
+/// Read the prompts of `cfg.data`, render them with the chat template (ending with the generation
+/// prompt) and drop those longer than `max_prompt_len` tokens.
+pub fn load_prompts(cfg: &crate::RlConfig, tok: &Tokenizer) -> Result<Vec<Prompt>> {
+    let path: &std::path::Path = cfg
+        .data
+        .prompts
+        .as_deref()
+        .ok_or_else(|| R2mError::Config("data.prompts is required".into()))?;
+    let opts = ReadOptions {
+        skip_bad: cfg.data.skip_bad,
+        limit: cfg.data.limit,
+    };
+    let (convs, report) = read_prompts(path, opts)?;
+    eprintln!("{report}");
+    let mut out = Vec::with_capacity(convs.len());
+    let mut too_long = 0usize;
+    for messages in convs {
+        let text = tok.apply_chat_template(&messages, true)?;
+        let ids = tok.encode(&text, false)?;
+        if ids.len() > cfg.data.max_prompt_len {
+            too_long += 1;
+            continue;
+        }
+        out.push(Prompt {
+            ids,
+            messages: Some(messages),
+        });
+    }
+    eprintln!(
+        "{} prompts kept, {too_long} longer than data.max_prompt_len = {} skipped",
+        out.len(),
+        cfg.data.max_prompt_len
+    );
+    if out.is_empty() {
+        return Err(R2mError::Config(format!(
+            "{}: no prompt fits data.max_prompt_len = {}",
+            path.display(),
+            cfg.data.max_prompt_len
+        )));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

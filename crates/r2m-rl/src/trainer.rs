@@ -1,16 +1,15 @@
 //! The RL loop (spec §3, Algorithm 1 without the R2M update): rollouts, rewards, advantages and
 //! the clipped policy update with KL control, for every estimator of [`AdvantageKind`].
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
 use r2m_core::optim::{clip_grad_norm, warmup_cosine_lr};
 use r2m_core::{R2mError, Result};
 use r2m_models::generate::FinishReason;
@@ -36,7 +35,7 @@ type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 pub type PerToken = Vec<Vec<f32>>;
 
 /// Metrics of one RL step (one line of `metrics.jsonl`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct StepMetrics {
     pub step: usize,
     /// Mean and std of the reward the advantages used (after the missing-EOS penalty).
@@ -95,6 +94,9 @@ pub struct RlTrainer<B: AutodiffBackend> {
     optim: OptimizerAdaptor<AdamW, CausalLm<B>, B>,
     critic_optim: Option<OptimizerAdaptor<AdamW, RewardModel<B>, B>>,
     optimizer_steps: usize,
+    /// True between the first optimizer step of an RL step and its end: the state is then not
+    /// at a step boundary, and must not be checkpointed.
+    mid_step: bool,
     eos: Vec<u32>,
     pad: u32,
 }
@@ -185,6 +187,7 @@ impl<B: AutodiffBackend> RlTrainer<B> {
             step: 0,
             keep_hidden: false,
             optimizer_steps: 0,
+            mid_step: false,
             eos,
             pad,
         })
@@ -206,6 +209,7 @@ impl<B: AutodiffBackend> RlTrainer<B> {
             seed,
             stop_strings: Vec::new(),
             eos_token_ids: self.eos.clone(),
+            min_new_tokens: 0,
         }
     }
 
@@ -312,12 +316,11 @@ impl<B: AutodiffBackend> RlTrainer<B> {
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         let raw = reward.score_rollout(rollout, self.step + 1, self.cfg.run.steps)?;
         if let Some(i) = raw.iter().position(|r| !r.is_finite()) {
-            return Err(R2mError::Other(format!(
-                "step {}: reward of sample {i} from {} is {}",
+            return Err(R2mError::non_finite(
                 self.step + 1,
-                reward.name(),
-                raw[i]
-            )));
+                format!("reward of row {i} ({})", reward.name()),
+                raw[i] as f64,
+            ));
         }
         let penalised = raw
             .iter()
@@ -554,7 +557,19 @@ impl<B: AutodiffBackend> RlTrainer<B> {
                     }
                 }
                 let mut grads = acc.grads();
-                st.grad_norm += clip_grad_norm::<B, _>(&self.policy, &mut grads, o.max_grad_norm);
+                let gn = clip_grad_norm::<B, _>(&self.policy, &mut grads, o.max_grad_norm);
+                if !gn.is_finite() {
+                    return Err(R2mError::non_finite(
+                        self.step + 1,
+                        format!(
+                            "policy gradient norm (epoch {}, optimizer step {})",
+                            epoch + 1,
+                            st.optimizer_steps + 1
+                        ),
+                        gn,
+                    ));
+                }
+                st.grad_norm += gn;
                 let lr =
                     warmup_cosine_lr(self.optimizer_steps, total, warmup, o.lr, o.min_lr_ratio);
                 self.policy = self.optim.step(lr, self.policy.clone(), grads);
@@ -572,6 +587,7 @@ impl<B: AutodiffBackend> RlTrainer<B> {
                     self.critic = Some(opt.step(clr, critic, cg));
                 }
                 self.optimizer_steps += 1;
+                self.mid_step = true;
                 st.optimizer_steps += 1;
                 st.lr = lr;
             }
@@ -580,6 +596,63 @@ impl<B: AutodiffBackend> RlTrainer<B> {
             rollout.hidden = Some(assemble_hidden(rollout, fresh));
         }
         Ok(st)
+    }
+
+    /// Whether the trainer sits between two RL steps (so that its state can be checkpointed).
+    pub fn at_step_boundary(&self) -> bool {
+        !self.mid_step
+    }
+
+    /// Save what a resumed run needs from the trainer into `dir`: the policy (full precision),
+    /// its AdamW state, the critic and its optimizer (PPO), and `trainer.json` (step, optimizer
+    /// steps, KL coefficient). Every random stream is derived from the run seed and the step, so
+    /// the step counter restores them.
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        let rec = BinFileRecorder::<FullPrecisionSettings>::new();
+        save_record::<B, _>(&rec, self.policy.clone().into_record(), dir, "policy")?;
+        save_record::<B, _>(&rec, self.optim.to_record(), dir, "policy_optim")?;
+        if let (Some(c), Some(o)) = (&self.critic, &self.critic_optim) {
+            save_record::<B, _>(&rec, c.clone().into_record(), dir, "critic")?;
+            save_record::<B, _>(&rec, o.to_record(), dir, "critic_optim")?;
+        }
+        let state = TrainerState {
+            step: self.step,
+            optimizer_steps: self.optimizer_steps,
+            kl_coef: self.kl_coef,
+            kl_coef_bits: self.kl_coef.to_bits(),
+        };
+        let p = dir.join("trainer.json");
+        std::fs::write(&p, serde_json::to_string_pretty(&state).expect("json"))
+            .map_err(|e| R2mError::io(&p, e))
+    }
+
+    /// Restore what [`RlTrainer::save_checkpoint`] wrote. The trainer must have been built from
+    /// the same config and initial policy (the reference is the initial policy).
+    pub fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        let p = dir.join("trainer.json");
+        let text = std::fs::read_to_string(&p).map_err(|e| R2mError::io(&p, e))?;
+        let state: TrainerState =
+            serde_json::from_str(&text).map_err(|e| R2mError::format(&p, e.to_string()))?;
+        let rec = BinFileRecorder::<FullPrecisionSettings>::new();
+        let dev = self.policy.device();
+        let policy = load_record::<B, _>(&rec, dir, "policy", &dev)?;
+        self.policy = self.policy.clone().load_record(policy);
+        let optim = load_record::<B, _>(&rec, dir, "policy_optim", &dev)?;
+        let fresh = adamw(self.cfg.optim.weight_decay).init::<B, CausalLm<B>>();
+        self.optim = std::mem::replace(&mut self.optim, fresh).load_record(optim);
+        if let Some(c) = self.critic.take() {
+            let record = load_record::<B, _>(&rec, dir, "critic", &dev)?;
+            self.critic = Some(c.load_record(record));
+            let record = load_record::<B, _>(&rec, dir, "critic_optim", &dev)?;
+            let fresh = adamw(0.0).init::<B, RewardModel<B>>();
+            let old = self.critic_optim.take().unwrap_or(fresh);
+            self.critic_optim = Some(old.load_record(record));
+        }
+        self.step = state.step;
+        self.optimizer_steps = state.optimizer_steps;
+        self.kl_coef = f64::from_bits(state.kl_coef_bits);
+        self.mid_step = false;
+        Ok(())
     }
 
     /// One RL step on `prompts`: sample, score, compute advantages, update.
@@ -651,7 +724,23 @@ impl<B: AutodiffBackend> RlTrainer<B> {
             self.kl_coef =
                 adaptive_kl_coef(self.kl_coef, seq_kl, target, n, self.cfg.algo.kl_horizon);
         }
+        for (name, v) in [
+            ("policy loss", st.policy_loss),
+            ("value loss", st.value_loss),
+        ] {
+            if !v.is_finite() {
+                return Err(R2mError::non_finite(self.step + 1, name, v));
+            }
+        }
+        if let Some(v) = rm
+            .as_ref()
+            .and_then(|r| r.rm_loss)
+            .filter(|v| !v.is_finite())
+        {
+            return Err(R2mError::non_finite(self.step + 1, "R2M update loss", v));
+        }
         self.step += 1;
+        self.mid_step = false;
         let per_mb = (st.optimizer_steps as f64 / self.cfg.optim.epochs as f64).max(1.0);
         let m = StepMetrics {
             step: self.step,
@@ -688,6 +777,36 @@ impl<B: AutodiffBackend> RlTrainer<B> {
         };
         Ok((m, rollout, rewards))
     }
+}
+
+/// The trainer's scalars in a checkpoint (`trainer.json`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct TrainerState {
+    step: usize,
+    optimizer_steps: usize,
+    /// For people; `kl_coef_bits` is what is restored (JSON floats need not round-trip exactly).
+    kl_coef: f64,
+    kl_coef_bits: u64,
+}
+
+fn save_record<B: Backend, R: burn::record::Record<B>>(
+    rec: &BinFileRecorder<FullPrecisionSettings>,
+    record: R,
+    dir: &Path,
+    name: &str,
+) -> Result<()> {
+    let p = dir.join(name);
+    Recorder::<B>::record(rec, record, p.clone()).map_err(|e| R2mError::format(&p, e.to_string()))
+}
+
+fn load_record<B: Backend, R: burn::record::Record<B>>(
+    rec: &BinFileRecorder<FullPrecisionSettings>,
+    dir: &Path,
+    name: &str,
+    dev: &B::Device,
+) -> Result<R> {
+    let p = dir.join(name);
+    Recorder::<B>::load(rec, p.clone(), dev).map_err(|e| R2mError::format(&p, e.to_string()))
 }
 
 /// Put the final epoch's per-micro-batch hidden states back into one `[rows, P + R - 1, hidden]`
@@ -747,8 +866,9 @@ pub struct UpdateStats {
     pub optimizer_steps: usize,
 }
 
-/// Hands out prompt indices for each step: a seeded shuffle, reshuffled on every pass.
-#[derive(Debug, Clone)]
+/// Hands out prompt indices for each step: a seeded shuffle, reshuffled on every pass. Its state
+/// (the data position) is part of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct PromptSampler {
     order: Vec<usize>,
     pos: usize,
@@ -787,120 +907,6 @@ impl PromptSampler {
         }
         out
     }
-}
-
-/// What [`train`] returns.
-#[derive(Debug, Clone, Serialize)]
-pub struct RlSummary {
-    pub steps: usize,
-    pub first: Option<StepMetrics>,
-    pub last: Option<StepMetrics>,
-    pub seconds: f64,
-    pub out_dir: Option<PathBuf>,
-}
-
-fn io_err(path: &Path) -> impl Fn(std::io::Error) -> R2mError + '_ {
-    move |e| R2mError::io(path, e)
-}
-
-/// Run `cfg.run.steps` RL steps over `prompts`.
-///
-/// With `out`, writes `config.toml` (the resolved config), `metrics.jsonl` (one line per step,
-/// flushed), `samples.jsonl` (`run.log_samples` responses per step) and, with `run.save_final`,
-/// the final policy as an HF directory `final/`.
-pub fn train<B: AutodiffBackend>(
-    trainer: &mut RlTrainer<B>,
-    prompts: &[Prompt],
-    reward: &mut dyn RolloutReward<Inner<B>>,
-    out: Option<&Path>,
-) -> Result<RlSummary> {
-    if prompts.is_empty() {
-        return Err(R2mError::Config("no prompts".into()));
-    }
-    let cfg = trainer.cfg.clone();
-    let mut files = None;
-    if let Some(dir) = out {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let p = dir.join("config.toml");
-        std::fs::write(&p, cfg.to_toml()).map_err(io_err(&p))?;
-        let mp = dir.join("metrics.jsonl");
-        let sp = dir.join("samples.jsonl");
-        let m = std::fs::File::create(&mp).map_err(io_err(&mp))?;
-        let s = std::fs::File::create(&sp).map_err(io_err(&sp))?;
-        files = Some((m, mp, s, sp));
-    }
-    let mut sampler = PromptSampler::new(prompts.len(), cfg.run.seed);
-    let pb = ProgressBar::new(cfg.run.steps as u64);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "RL {pos}/{len} [{elapsed_precise}<{eta_precise}] {wide_bar} {msg}",
-        )
-        .expect("template"),
-    );
-    pb.set_message(format!(
-        "{} + {}",
-        match cfg.algo.advantage {
-            AdvantageKind::Rloo => "rloo",
-            AdvantageKind::Grpo => "grpo",
-            AdvantageKind::ReinforcePp => "reinforce++",
-            AdvantageKind::Remax => "remax",
-            AdvantageKind::Gae => "ppo",
-        },
-        RolloutReward::name(reward)
-    ));
-    let t0 = Instant::now();
-    let (mut first, mut last) = (None, None);
-    while trainer.step < cfg.run.steps {
-        let idx = sampler.next_batch(cfg.rollout.prompts_per_step);
-        let batch: Vec<Prompt> = idx.iter().map(|&i| prompts[i].clone()).collect();
-        let (m, rollout, rewards) = trainer.step(batch, reward)?;
-        if let Some((mf, mp, sf, sp)) = files.as_mut() {
-            writeln!(mf, "{}", serde_json::to_string(&m).expect("json"))
-                .and_then(|_| mf.flush())
-                .map_err(io_err(mp))?;
-            let n_log = cfg.run.log_samples.min(rollout.rows());
-            for (row, g) in rollout.responses.iter().enumerate().take(n_log) {
-                let line = serde_json::json!({
-                    "step": m.step,
-                    "row": row,
-                    "prompt": rollout.prompt_of(row).messages.as_ref().and_then(|ms| ms.last()).map(|m| m.content.clone()),
-                    "response": g.text,
-                    "tokens": g.tokens.len(),
-                    "finish": g.finish,
-                    "reward": rewards[row],
-                });
-                writeln!(sf, "{line}").map_err(io_err(sp))?;
-            }
-            sf.flush().map_err(io_err(sp))?;
-        }
-        pb.set_message(format!(
-            "reward {:+.3}  kl {:.3}  len {:.0}  {:.1}s/step",
-            m.reward_mean, m.kl, m.response_len, m.time_step
-        ));
-        pb.inc(1);
-        if first.is_none() {
-            first = Some(m.clone());
-        }
-        last = Some(m);
-    }
-    pb.finish();
-    if let Some(dir) = out {
-        reward.save_state(&dir.join("r2m"))?;
-    }
-    if let (Some(dir), true) = (out, cfg.run.save_final) {
-        r2m_models::save_hf_dir(
-            &trainer.policy.valid(),
-            trainer.tokenizer.as_ref(),
-            &dir.join("final"),
-        )?;
-    }
-    Ok(RlSummary {
-        steps: trainer.step,
-        first,
-        last,
-        seconds: t0.elapsed().as_secs_f64(),
-        out_dir: out.map(Path::to_path_buf),
-    })
 }
 
 #[cfg(test)]

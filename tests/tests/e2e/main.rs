@@ -11,3 +11,4 @@ mod models;
 mod r2m;
 mod reward;
 mod rl;
+mod run;

@@ -28,7 +28,7 @@ fn tiny_rm() -> LearnedRm<TB> {
     }
 }
 
-fn config(method: RmMethod) -> RlConfig {
+pub fn config(method: RmMethod) -> RlConfig {
     let mut cfg = RlConfig {
         reward: RewardSection {
             kind: RewardKind::Model,
@@ -53,7 +53,7 @@ fn config(method: RmMethod) -> RlConfig {
     cfg
 }
 
-fn r2m(method: RmMethod, cfg: &RlConfig) -> R2mReward<AB> {
+pub fn r2m(method: RmMethod, cfg: &RlConfig) -> R2mReward<AB> {
     R2mReward::<AB>::new(
         tiny_rm(),
         64,
