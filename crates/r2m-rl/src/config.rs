@@ -404,7 +404,8 @@ impl RlConfig {
                 .span()
                 .map(|s| {
                     let line = text[..s.start].matches('\n').count() + 1;
-                    format!(" (line {line})")
+                    let src = text.lines().nth(line - 1).unwrap_or("").trim();
+                    format!(" (line {line}: `{src}`)")
                 })
                 .unwrap_or_default();
             R2mError::format(origin, format!("{msg}{at}"))
@@ -574,7 +575,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("run.toml") && e.contains("line 3") && !e.contains('\n'),
+            e.contains("run.toml") && e.contains("line 3: `steps = \"ten\"`") && !e.contains('\n'),
             "{e}"
         );
         let e = RlConfig::load(Path::new("no/such/run.toml"))
