@@ -14,6 +14,7 @@ use clap::ValueEnum;
 use r2m_core::tensor::gather_log_probs;
 use r2m_core::Result;
 use r2m_models::{generate, load_model, CausalLm, GenerationConfig, Padding};
+use r2m_rl::rollout::{final_hidden, Start};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::backends::{dispatch, BackendTask, DeviceArg, DtypeArg};
@@ -253,13 +254,7 @@ fn bench_train<B: Backend>(a: &BenchArgs, device: &B::Device) -> Result<Vec<f64>
             )))
         }
         Some(k) => {
-            m.embed_tokens = m.embed_tokens.set_require_grad(false);
-            if let Some(h) = m.lm_head.take() {
-                m.lm_head = Some(r2m_models::model::Linear {
-                    weight: h.weight.set_require_grad(false),
-                    bias: h.bias.map(|b| b.set_require_grad(false)),
-                });
-            }
+            m = m.with_frozen_embeddings_and_head();
             n_layers - k
         }
         None => 0,
@@ -275,21 +270,16 @@ fn bench_train<B: Backend>(a: &BenchArgs, device: &B::Device) -> Result<Vec<f64>
     let mut times = Vec::new();
     for i in 0..=a.iters {
         let t0 = Instant::now();
-        let x = if start > 0 {
+        // As the trainer does: the frozen lower blocks run once without autodiff.
+        let from = if start > 0 {
             let frozen = m.valid();
-            let x = frozen.forward_layers(
-                frozen.embed(inputs.clone().inner()),
-                &padding,
-                0..start,
-                None,
-            );
-            Tensor::from_inner(x)
+            let x = frozen.embed(inputs.clone().inner());
+            let x = frozen.forward_layers(x, &padding, 0..start, None);
+            Start::Stream(Tensor::from_inner(x), start)
         } else {
-            m.embed(inputs.clone())
+            Start::Tokens(inputs.clone())
         };
-        let h = m
-            .norm
-            .forward(m.forward_layers(x, &padding, start..n_layers, None));
+        let h = final_hidden(&m, from, &padding);
         let loss = gather_log_probs(m.lm_head(h), targets.clone()).mean().neg();
         let grads = GradientsParams::from_grads(loss.backward(), &m);
         m = optim.step(1e-5, m, grads);

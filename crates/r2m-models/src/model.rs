@@ -790,6 +790,19 @@ impl<B: Backend> CausalLm<B> {
         x
     }
 
+    /// The same model with the token embeddings and the LM head frozen (no gradients), as
+    /// `trainable = "top:N"` wants: only the blocks (and final norm) can then train.
+    pub fn with_frozen_embeddings_and_head(mut self) -> Self {
+        self.embed_tokens = self.embed_tokens.set_require_grad(false);
+        if let Some(h) = self.lm_head.take() {
+            self.lm_head = Some(Linear {
+                weight: h.weight.set_require_grad(false),
+                bias: h.bias.map(|b| b.set_require_grad(false)),
+            });
+        }
+        self
+    }
+
     /// Project hidden states to vocabulary logits.
     ///
     /// # Shapes

@@ -13,7 +13,6 @@ use burn::tensor::{ElementConversion, Tensor};
 use r2m_core::optim::{clip_grad_norm, warmup_cosine_lr};
 use r2m_core::{R2mError, Result};
 use r2m_models::generate::FinishReason;
-use r2m_models::model::Linear;
 use r2m_models::{generate, CausalLm, GenerationConfig, RewardModel, Tokenizer};
 use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, SeedableRng};
@@ -140,17 +139,7 @@ impl<B: AutodiffBackend> RlTrainer<B> {
                     "model.trainable = \"top:{k}\", but the policy has only {n_layers} blocks"
                 )))
             }
-            Trainable::Top(k) => {
-                let mut p = policy;
-                p.embed_tokens = p.embed_tokens.set_require_grad(false);
-                if let Some(h) = p.lm_head.take() {
-                    p.lm_head = Some(Linear {
-                        weight: h.weight.set_require_grad(false),
-                        bias: h.bias.map(|b| b.set_require_grad(false)),
-                    });
-                }
-                (n_layers - k, p)
-            }
+            Trainable::Top(k) => (n_layers - k, policy.with_frozen_embeddings_and_head()),
             Trainable::Head => {
                 return Err(R2mError::Config(
                     "model.trainable = \"head\" is not valid for a policy".into(),
