@@ -3,6 +3,7 @@
 mod backends;
 mod bench;
 mod demo;
+mod experiment;
 mod rm;
 mod train;
 
@@ -59,6 +60,10 @@ enum Command {
     EvalRm(rm::EvalRmArgs),
     /// Reinforcement learning on a policy (RLOO, GRPO, REINFORCE++, ReMax, PPO) from a TOML config.
     Train(train::TrainArgs),
+    /// Experiments that measure the method (`overopt`: reward over-optimization against a gold
+    /// reward, across methods and seeds).
+    #[command(subcommand)]
+    Experiment(experiment::ExperimentCommand),
     /// Benchmarks (tokens/s), printed as text and one JSON line each.
     Bench(bench::BenchArgs),
     /// Print the default RL config with every key documented, or check a config file.
@@ -189,6 +194,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => dispatch(cli.device, cli.dtype, train::TrainTask(a)),
         Command::Bench(a) => bench::run(cli.device, cli.dtype, a),
         Command::Demo(a) => dispatch(cli.device, cli.dtype, demo::DemoTask(a)),
+        Command::Experiment(a) => dispatch(cli.device, cli.dtype, experiment::ExperimentTask(a)),
         Command::Config(a) => {
             if a.print_default {
                 print!("{}", r2m_rl::config::DEFAULT_CONFIG_TOML);

@@ -96,6 +96,11 @@ pub struct TrainRmArgs {
     /// Use only the first N training pairs of the split.
     #[arg(long)]
     train_count: Option<usize>,
+    /// Flip the label (swap chosen and rejected) of this share of the training pairs, seeded by
+    /// `--seed`: a noisier annotator, e.g. for over-optimization studies. Held-out pairs keep
+    /// their labels.
+    #[arg(long, default_value_t = 0.0)]
+    label_noise: f64,
     /// Output directory: the final RM (HF layout), metrics.jsonl, eval.json, checkpoints.
     #[arg(long)]
     out: PathBuf,
@@ -156,6 +161,25 @@ impl BackendTask for TrainRmTask {
         let (mut train, eval) = a.data.read()?;
         if let Some(n) = a.train_count {
             train.truncate(n);
+        }
+        if !(0.0..=1.0).contains(&a.label_noise) {
+            return Err(R2mError::Config(format!(
+                "--label-noise must be in [0, 1], got {}",
+                a.label_noise
+            )));
+        }
+        let flipped = r2m_data::label_noise_rows(train.len(), a.label_noise, a.seed);
+        for &i in &flipped {
+            let p = &mut train[i];
+            std::mem::swap(&mut p.chosen, &mut p.rejected);
+        }
+        if a.label_noise > 0.0 {
+            eprintln!(
+                "label noise {}: {} of {} training labels flipped",
+                a.label_noise,
+                flipped.len(),
+                train.len()
+            );
         }
         let t0 = Instant::now();
         let (rm, tok) = load_rm::<Autodiff<B>>(&a.model, a.seed, &device)?;

@@ -8,13 +8,9 @@ use std::time::Instant;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use r2m_core::{R2mError, Result};
-use r2m_data::ReadOptions;
-use r2m_models::{load_model, Tokenizer};
-use r2m_rl::config::{RewardKind, RmMethod};
-use r2m_rl::{
-    load_prompts, train_with, LearnedRm, R2mReward, RlConfig, RlSummary, RlTrainer, RolloutReward,
-    RuleReward, RunControl, RunEnd,
-};
+use r2m_models::load_model;
+use r2m_rl::r2m_reward::reward_from_config;
+use r2m_rl::{load_prompts, train_with, RlConfig, RlSummary, RlTrainer, RunControl, RunEnd};
 
 use crate::backends::BackendTask;
 
@@ -154,35 +150,8 @@ impl BackendTask for TrainTask {
         );
         let prompts = load_prompts(&cfg, &tok)?;
         let out = cfg.run.out.clone();
-        let mut reward: Box<dyn RolloutReward<B>> = match cfg.reward.kind {
-            RewardKind::Model => {
-                let dir = cfg.reward.model.as_deref().expect("validated");
-                let pretrained = out.join("pretrained-rm");
-                let rm = if cfg.r2m.method == RmMethod::PretrainedRm
-                    && resume
-                    && pretrained.join("config.json").exists()
-                {
-                    LearnedRm::<B>::load(&pretrained, cfg.reward.token_budget, &device)?
-                } else if cfg.r2m.method == RmMethod::PretrainedRm {
-                    pretrain_rm::<B>(&cfg, dir, &out, &device)?
-                } else {
-                    LearnedRm::<B>::load(dir, cfg.reward.token_budget, &device)?
-                };
-                if matches!(cfg.r2m.method, RmMethod::Vanilla | RmMethod::PretrainedRm) {
-                    Box::new(rm)
-                } else {
-                    let d_p = loaded.model.config.hidden_size;
-                    Box::new(R2mReward::<Autodiff<B>>::new(rm, d_p, cfg.r2m.clone()))
-                }
-            }
-            RewardKind::Rule => Box::new(
-                cfg.reward
-                    .rule
-                    .as_deref()
-                    .expect("validated")
-                    .parse::<RuleReward>()?,
-            ),
-        };
+        let d_p = loaded.model.config.hidden_size;
+        let mut reward = reward_from_config::<Autodiff<B>>(&cfg, d_p, resume, &device)?;
         let mut trainer = RlTrainer::new(loaded.model, Some(tok), cfg)?;
         let interrupt = ctrl_c_flag();
         let summary = train_with(
@@ -199,55 +168,4 @@ impl BackendTask for TrainTask {
         report_run(&summary, &out);
         Ok(())
     }
-}
-
-/// The "Pretrained RM" control: fine-tune the RM with Bradley-Terry on `r2m.pretrain_pairs`
-/// before RL (written to `RUN/pretrained-rm/`), then use it frozen.
-fn pretrain_rm<B: Backend>(
-    cfg: &RlConfig,
-    rm_dir: &Path,
-    out: &Path,
-    device: &B::Device,
-) -> Result<LearnedRm<B>> {
-    use burn::module::AutodiffModule;
-    use r2m_data::{read_preferences, tokenize_pairs};
-    use r2m_models::RewardModel;
-    use r2m_rl::{train_reward_model, RmOutputs, RmTrainConfig};
-    let r = &cfg.r2m;
-    let path = r.pretrain_pairs.as_deref().expect("validated");
-    let tok = Tokenizer::from_hf_dir(rm_dir)?;
-    let opts = ReadOptions {
-        skip_bad: cfg.data.skip_bad,
-        limit: None,
-    };
-    let (pairs, report) = read_preferences(path, opts)?;
-    eprintln!("pretrained-rm: {report}");
-    let (pairs, report) = tokenize_pairs(&tok, &pairs, r.pretrain_max_len)?;
-    eprintln!("pretrained-rm: {report}");
-    let rm = RewardModel::<Autodiff<B>>::load_hf_dir(rm_dir, device)?;
-    let rm_cfg = RmTrainConfig {
-        trainable: r.pretrain_trainable.parse()?,
-        epochs: r.pretrain_epochs,
-        lr: r.pretrain_lr,
-        seed: r.seed,
-        ..Default::default()
-    };
-    let dir = out.join("pretrained-rm");
-    let outputs = RmOutputs {
-        dir: &dir,
-        tokenizer: Some(&tok),
-    };
-    let (rm, summary) = train_reward_model(rm, &pairs, &[], &rm_cfg, outputs)?;
-    eprintln!(
-        "pretrained-rm: {} BT steps on {} pairs, saved {}",
-        summary.steps,
-        summary.train_pairs,
-        dir.display()
-    );
-    Ok(LearnedRm {
-        model: rm.valid(),
-        tokenizer: Some(tok),
-        token_budget: cfg.reward.token_budget,
-        name: format!("pretrained rm {}", dir.display()),
-    })
 }

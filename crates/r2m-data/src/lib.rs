@@ -11,7 +11,7 @@ pub mod split;
 pub mod tokenize;
 
 pub use records::{read_preferences, read_prompts, PreferencePair, ReadOptions, ReadReport};
-pub use split::train_eval_split;
+pub use split::{label_noise_rows, train_eval_split};
 pub use tokenize::{
     batches_by_tokens, length_grouped_order, tokenize_pair, tokenize_pairs, TokenizeReport,
     TokenizedPair,

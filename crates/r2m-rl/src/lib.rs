@@ -10,11 +10,14 @@
 //! - [`trainer`]: the RL step;
 //! - [`run`]: the run loop with its directory, checkpoints, exact resume and plots;
 //! - [`plots`]: line charts as PNG + SVG (plotters, embedded font) and the run plots;
+//! - [`vader`]: VADER sentiment (a port of vaderSentiment 3.3.2), the gold reward of `r2m experiment overopt`;
+//! - [`overopt`]: `r2m experiment overopt`, reward over-optimization against a gold reward;
 //! - [`demo`]: `r2m demo`, the whole method on the real default model in minutes.
 
 pub mod advantage;
 pub mod config;
 pub mod demo;
+pub mod overopt;
 pub mod plots;
 pub mod policy_loss;
 pub mod r2m_reward;
@@ -23,6 +26,7 @@ pub mod reward_training;
 pub mod rollout;
 pub mod run;
 pub mod trainer;
+pub mod vader;
 
 pub use config::RlConfig;
 pub use r2m_reward::{R2mHead, R2mReward, RmUpdateStats};

@@ -429,3 +429,96 @@ impl<B: AutodiffBackend> RolloutReward<Inner<B>> for R2mReward<B> {
         R2mReward::load_state(self, dir)
     }
 }
+
+/// The reward a run's config asks for (`reward.kind`, `r2m.method`), on the policy's backend.
+///
+/// `policy_hidden` is the policy's hidden size (the fusion head's `D_p`). The `pretrained-rm`
+/// control fine-tunes the RM on `r2m.pretrain_pairs` first and saves it in `RUN/pretrained-rm/`;
+/// a resumed run reloads that directory instead of training again.
+pub fn reward_from_config<B: AutodiffBackend>(
+    cfg: &crate::RlConfig,
+    policy_hidden: usize,
+    resume: bool,
+    device: &B::Device,
+) -> Result<Box<dyn RolloutReward<Inner<B>>>> {
+    use crate::config::RewardKind;
+    match cfg.reward.kind {
+        RewardKind::Model => {
+            let dir = cfg.reward.model.as_deref().ok_or_else(|| {
+                R2mError::Config("reward.kind = \"model\" needs reward.model".into())
+            })?;
+            let pretrained = cfg.run.out.join("pretrained-rm");
+            let rm = if cfg.r2m.method == RmMethod::PretrainedRm
+                && resume
+                && pretrained.join("config.json").exists()
+            {
+                LearnedRm::<Inner<B>>::load(&pretrained, cfg.reward.token_budget, device)?
+            } else if cfg.r2m.method == RmMethod::PretrainedRm {
+                pretrain_rm::<B>(cfg, dir, &pretrained, device)?
+            } else {
+                LearnedRm::<Inner<B>>::load(dir, cfg.reward.token_budget, device)?
+            };
+            Ok(match cfg.r2m.method {
+                RmMethod::Vanilla | RmMethod::PretrainedRm => Box::new(rm),
+                _ => Box::new(R2mReward::<B>::new(rm, policy_hidden, cfg.r2m.clone())),
+            })
+        }
+        RewardKind::Rule => {
+            let rule = cfg.reward.rule.as_deref().ok_or_else(|| {
+                R2mError::Config("reward.kind = \"rule\" needs reward.rule".into())
+            })?;
+            Ok(Box::new(rule.parse::<crate::RuleReward>()?))
+        }
+    }
+}
+
+/// The "Pretrained RM" control: fine-tune the RM in `rm_dir` with Bradley-Terry on
+/// `r2m.pretrain_pairs` (saved to `out`), then use it frozen.
+fn pretrain_rm<B: AutodiffBackend>(
+    cfg: &crate::RlConfig,
+    rm_dir: &std::path::Path,
+    out: &std::path::Path,
+    device: &B::Device,
+) -> Result<LearnedRm<Inner<B>>> {
+    use crate::reward_training::{train_reward_model, RmOutputs, RmTrainConfig};
+    use r2m_data::{read_preferences, tokenize_pairs, ReadOptions};
+    use r2m_models::{RewardModel, Tokenizer};
+    let r = &cfg.r2m;
+    let path = r.pretrain_pairs.as_deref().ok_or_else(|| {
+        R2mError::Config("r2m.method = \"pretrained-rm\" needs r2m.pretrain_pairs".into())
+    })?;
+    let tok = Tokenizer::from_hf_dir(rm_dir)?;
+    let opts = ReadOptions {
+        skip_bad: cfg.data.skip_bad,
+        limit: None,
+    };
+    let (pairs, report) = read_preferences(path, opts)?;
+    eprintln!("pretrained-rm: {report}");
+    let (pairs, report) = tokenize_pairs(&tok, &pairs, r.pretrain_max_len)?;
+    eprintln!("pretrained-rm: {report}");
+    let rm = RewardModel::<B>::load_hf_dir(rm_dir, device)?;
+    let rm_cfg = RmTrainConfig {
+        trainable: r.pretrain_trainable.parse()?,
+        epochs: r.pretrain_epochs,
+        lr: r.pretrain_lr,
+        seed: r.seed,
+        ..Default::default()
+    };
+    let outputs = RmOutputs {
+        dir: out,
+        tokenizer: Some(&tok),
+    };
+    let (rm, summary) = train_reward_model(rm, &pairs, &[], &rm_cfg, outputs)?;
+    eprintln!(
+        "pretrained-rm: {} BT steps on {} pairs, saved {}",
+        summary.steps,
+        summary.train_pairs,
+        out.display()
+    );
+    Ok(LearnedRm {
+        model: rm.valid(),
+        tokenizer: Some(tok),
+        token_budget: cfg.reward.token_budget,
+        name: format!("pretrained rm {}", out.display()),
+    })
+}

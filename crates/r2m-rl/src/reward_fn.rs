@@ -60,6 +60,12 @@ pub trait RolloutReward<B: Backend> {
     ) -> Result<Option<RmUpdateStats>> {
         Ok(None)
     }
+    /// Measurements against a gold reward for the step just finished (see
+    /// [`crate::overopt::GoldTracked`]), collected by the loop after
+    /// [`RolloutReward::after_policy_update`] and logged with the step's metrics.
+    fn gold_stats(&mut self) -> Option<crate::overopt::GoldStats> {
+        None
+    }
     /// Save whatever the reward trains (R2M: fusion head, `phi`, optimizer state) into `dir`.
     fn save_state(&self, _dir: &std::path::Path) -> Result<()> {
         Ok(())

@@ -71,6 +71,9 @@ pub struct StepMetrics {
     /// The reward model's update (R2M and the controls that train a head).
     #[serde(flatten)]
     pub rm: Option<RmUpdateStats>,
+    /// Measurements against a gold reward (`r2m experiment overopt`).
+    #[serde(flatten)]
+    pub gold: Option<crate::overopt::GoldStats>,
 }
 
 /// Runs RL steps on a policy.
@@ -691,6 +694,7 @@ impl<B: AutodiffBackend> RlTrainer<B> {
         let t0 = Instant::now();
         let rm = reward.after_policy_update(&rollout, &raw, self.step + 1, self.cfg.run.steps)?;
         let t_rm_update = t0.elapsed().as_secs_f64();
+        let gold = reward.gold_stats();
 
         let n = rollout.rows() as f64;
         let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
@@ -763,6 +767,7 @@ impl<B: AutodiffBackend> RlTrainer<B> {
             time_step: t_step.elapsed().as_secs_f64(),
             samples: rollout.rows(),
             rm,
+            gold,
         };
         Ok((m, rollout, rewards))
     }

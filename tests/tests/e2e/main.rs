@@ -8,6 +8,7 @@ mod common;
 mod data;
 mod errors;
 mod models;
+mod overopt;
 mod r2m;
 mod reward;
 mod rl;

@@ -1,0 +1,164 @@
+//! `r2m experiment overopt` at CI size (issue 7): the whole path on the real SmolLM2, every
+//! method, one seed, two steps; interruption and resume; the report.
+
+use std::sync::atomic::AtomicBool;
+
+use burn::backend::Autodiff;
+use r2m_rl::config::RmMethod;
+use r2m_rl::overopt::{
+    method_name, run_dir, run_experiment, ExperimentControl, GoldPair, OveroptConfig, ALL_METHODS,
+};
+use r2m_rl::vader;
+
+use crate::common::*;
+
+type AB = Autodiff<TB>;
+
+fn lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn overopt_reduced_runs_every_method_resumes_and_reports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exp = tmp.path().join("exp");
+    let cfg = OveroptConfig::reduced();
+    assert_eq!(cfg.methods, ALL_METHODS.to_vec());
+
+    // 1. Interrupted from the start: the first run stops after its first step, with a
+    //    checkpoint, and nothing after it starts.
+    let stop = AtomicBool::new(true);
+    let ctl = ExperimentControl {
+        interrupt: Some(&stop),
+        quiet: true,
+    };
+    let s = run_experiment::<AB>(&cfg, &exp, &device(), ctl).unwrap();
+    assert!(s.interrupted && s.ran.is_empty() && s.report.is_none());
+    let first = run_dir(&exp, RmMethod::Vanilla, 0);
+    assert_eq!(lines(&first.join("metrics.jsonl")).len(), 1);
+    assert!(first.join("checkpoints/step-000001/policy.bin").exists());
+    assert!(!run_dir(&exp, RmMethod::R2m, 0).exists());
+
+    // The proxy RM's pairs: gold-labelled samples of the initial policy.
+    let eval: Vec<GoldPair> = lines(&exp.join("rm-eval-pairs.jsonl"))
+        .into_iter()
+        .map(|v| serde_json::from_value(v).unwrap())
+        .collect();
+    assert_eq!(eval.len(), cfg.rm_eval_pairs);
+    for p in &eval {
+        assert!(!p.flipped);
+        assert_eq!(vader::compound(&p.chosen), p.gold_chosen);
+        assert_eq!(vader::compound(&p.rejected), p.gold_rejected);
+        assert!(p.gold_chosen >= p.gold_rejected + cfg.min_gold_gap, "{p:?}");
+    }
+    assert_eq!(lines(&exp.join("rm-pairs.jsonl")).len(), cfg.rm_pairs);
+    assert_eq!(
+        lines(&exp.join("pretrain-pairs.jsonl")).len(),
+        cfg.pretrain_pairs
+    );
+    assert!(exp.join("proxy-rm/config.json").exists());
+    assert_eq!(s.proxy_rm.train_pairs, cfg.rm_pairs);
+    assert!(s.proxy_rm.calibration.proxy_std > 0.0);
+
+    // 2. Continued: the interrupted run resumes, the rest run, the report is written.
+    let s = run_experiment::<AB>(
+        &cfg,
+        &exp,
+        &device(),
+        ExperimentControl {
+            quiet: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(!s.interrupted);
+    assert_eq!(s.ran.len(), ALL_METHODS.len());
+    for m in ALL_METHODS {
+        let dir = run_dir(&exp, m, 0);
+        assert!(dir.join("done.json").exists(), "{}", dir.display());
+        assert!(
+            !dir.join("checkpoints").exists(),
+            "finished runs drop their checkpoints"
+        );
+        let rows = lines(&dir.join("metrics.jsonl"));
+        assert_eq!(rows.len(), 2, "{}", dir.display());
+        for (i, r) in rows.iter().enumerate() {
+            assert_eq!(r["step"].as_u64(), Some(i as u64 + 1));
+            let g = r["gold_mean"].as_f64().expect("gold_mean logged");
+            assert!((-1.0..=1.0).contains(&g));
+            assert!(r["proxy_cal_mean"].as_f64().unwrap().is_finite());
+            assert!(r["gold_gap"].as_f64().unwrap().is_finite());
+        }
+        // Methods that train the RM report an R2M loss; the others none.
+        let trains = matches!(
+            m,
+            RmMethod::R2m | RmMethod::R2mNoise | RmMethod::IterativeHead
+        );
+        assert_eq!(rows[1]["rm_loss"].as_f64().is_some(), trains, "{m:?}");
+    }
+    assert!(run_dir(&exp, RmMethod::PretrainedRm, 0)
+        .join("pretrained-rm/config.json")
+        .exists());
+    let rep = s.report.expect("report");
+    assert_eq!(rep.rows.len(), ALL_METHODS.len());
+    assert_eq!(rep.runs.len(), ALL_METHODS.len());
+    let md = std::fs::read_to_string(exp.join("report.md")).unwrap();
+    for m in ALL_METHODS {
+        assert!(md.contains(&format!("| {} |", method_name(m))), "{md}");
+    }
+    for stem in [
+        "gold_vs_sqrt_kl",
+        "proxy_vs_sqrt_kl",
+        "gap",
+        "agreement_before",
+        "agreement_after",
+        "length",
+    ] {
+        for ext in ["png", "svg"] {
+            let p = exp.join("plots").join(format!("{stem}.{ext}"));
+            assert!(
+                std::fs::metadata(&p).unwrap().len() > 1000,
+                "{}",
+                p.display()
+            );
+        }
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(exp.join("report.json")).unwrap()).unwrap();
+    assert_eq!(json["rows"].as_array().unwrap().len(), ALL_METHODS.len());
+
+    // 3. Again: everything is found finished; other settings in the same directory are refused.
+    let s = run_experiment::<AB>(
+        &cfg,
+        &exp,
+        &device(),
+        ExperimentControl {
+            quiet: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(s.ran.is_empty());
+    assert_eq!(s.skipped.len(), ALL_METHODS.len());
+    let other = OveroptConfig {
+        steps: 3,
+        ..cfg.clone()
+    };
+    let err = run_experiment::<AB>(
+        &other,
+        &exp,
+        &device(),
+        ExperimentControl {
+            quiet: true,
+            ..Default::default()
+        },
+    )
+    .expect_err("other settings are refused")
+    .to_string();
+    assert!(err.contains("steps") && err.contains("--resume"), "{err}");
+}
