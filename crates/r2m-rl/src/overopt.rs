@@ -1083,6 +1083,24 @@ impl RunCurve {
         Some(g0 + f.clamp(0.0, 1.0) * (g1 - g0))
     }
 
+    /// Gold at `sqrt(KL) = k` from a least-squares line of gold on `sqrt(KL)` over all steps:
+    /// less noisy than [`RunCurve::gold_at`], which rests on the two steps around the crossing.
+    pub fn gold_fit_at(&self, k: f64) -> Option<f64> {
+        let pts: Vec<(f64, f64)> = self
+            .sqrt_kl
+            .iter()
+            .zip(&self.gold)
+            .map(|(&x, &y)| (x, y))
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect();
+        let n = pts.len() as f64;
+        let mx = pts.iter().map(|p| p.0).sum::<f64>() / n;
+        let my = pts.iter().map(|p| p.1).sum::<f64>() / n;
+        let sxx: f64 = pts.iter().map(|p| (p.0 - mx).powi(2)).sum();
+        let sxy: f64 = pts.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+        (pts.len() >= 2 && sxx > 0.0).then(|| my + sxy / sxx * (k - mx))
+    }
+
     /// Mean of the last quarter of the steps (at least one): "final" values, less noisy than
     /// the last step alone.
     fn tail(v: &[f64]) -> f64 {
@@ -1125,6 +1143,17 @@ impl Spread {
     }
 }
 
+impl Spread {
+    /// `mean ± std` without a sign (for quantities that are never negative).
+    pub fn plain(&self) -> String {
+        if self.n == 0 {
+            "-".into()
+        } else {
+            format!("{:.3} ± {:.3}", self.mean, self.std)
+        }
+    }
+}
+
 impl std::fmt::Display for Spread {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.n == 0 {
@@ -1144,6 +1173,9 @@ pub struct MethodRow {
     pub gold_at_kl: Spread,
     /// Gold at the matched KL minus vanilla's, paired by seed.
     pub vs_vanilla_at_kl: Spread,
+    /// The same two from a line fitted to all steps ([`RunCurve::gold_fit_at`]).
+    pub gold_at_kl_fit: Spread,
+    pub vs_vanilla_at_kl_fit: Spread,
     pub gold_first: Spread,
     pub gold_final: Spread,
     pub proxy_final: Spread,
@@ -1160,8 +1192,9 @@ pub struct Report {
     /// The matched `sqrt(KL)`: the largest value every run reached.
     pub matched_sqrt_kl: Option<f64>,
     pub rows: Vec<MethodRow>,
-    /// R2M minus vanilla gold at the matched KL, paired by seed.
+    /// R2M minus vanilla gold at the matched KL, paired by seed (interpolated, and fitted).
     pub r2m_vs_vanilla: Option<Spread>,
+    pub r2m_vs_vanilla_fit: Option<Spread>,
     pub runs: Vec<RunCurve>,
     pub plots: Vec<PathBuf>,
     /// `report.md`.
@@ -1207,17 +1240,18 @@ pub fn report(exp: &Path, cfg: &OveroptConfig) -> Result<Report> {
         .fold(f64::INFINITY, f64::min);
     let matched = (matched.is_finite() && matched > 0.0).then_some(matched);
     let at_kl = |r: &RunCurve| matched.and_then(|k| r.gold_at(k)).unwrap_or(f64::NAN);
+    let at_kl_fit = |r: &RunCurve| matched.and_then(|k| r.gold_fit_at(k)).unwrap_or(f64::NAN);
     let vanilla: Vec<&RunCurve> = runs
         .iter()
         .filter(|r| r.method == RmMethod::Vanilla)
         .collect();
-    let paired = |m: RmMethod| -> Spread {
+    let paired = |m: RmMethod, f: &dyn Fn(&RunCurve) -> f64| -> Spread {
         let d: Vec<f64> = runs
             .iter()
             .filter(|r| r.method == m)
             .filter_map(|r| {
                 let v = vanilla.iter().find(|v| v.seed == r.seed)?;
-                Some(at_kl(r) - at_kl(v))
+                Some(f(r) - f(v))
             })
             .collect();
         Spread::of(&d)
@@ -1235,7 +1269,9 @@ pub fn report(exp: &Path, cfg: &OveroptConfig) -> Result<Report> {
             method: method_name(m),
             seeds: rs.len(),
             gold_at_kl: over(&at_kl),
-            vs_vanilla_at_kl: paired(m),
+            vs_vanilla_at_kl: paired(m, &at_kl),
+            gold_at_kl_fit: over(&at_kl_fit),
+            vs_vanilla_at_kl_fit: paired(m, &at_kl_fit),
             gold_first: over(&|r| r.gold[0]),
             gold_final: over(&|r| RunCurve::tail(&r.gold)),
             proxy_final: over(&|r| RunCurve::tail(&r.proxy_cal)),
@@ -1246,11 +1282,9 @@ pub fn report(exp: &Path, cfg: &OveroptConfig) -> Result<Report> {
             length_final: over(&|r| RunCurve::tail(&r.length)),
         });
     }
-    let r2m_vs_vanilla = rows
-        .iter()
-        .find(|r| r.method == "r2m")
-        .map(|r| r.vs_vanilla_at_kl)
-        .filter(|s| s.n > 0);
+    let r2m = rows.iter().find(|r| r.method == "r2m");
+    let r2m_vs_vanilla = r2m.map(|r| r.vs_vanilla_at_kl).filter(|s| s.n > 0);
+    let r2m_vs_vanilla_fit = r2m.map(|r| r.vs_vanilla_at_kl_fit).filter(|s| s.n > 0);
     let plots = report_plots(exp, cfg, &runs)?;
     let proxy: Option<ProxyRmInfo> = std::fs::read_to_string(exp.join("proxy-rm/proxy_rm.json"))
         .ok()
@@ -1259,6 +1293,7 @@ pub fn report(exp: &Path, cfg: &OveroptConfig) -> Result<Report> {
         matched_sqrt_kl: matched,
         rows,
         r2m_vs_vanilla,
+        r2m_vs_vanilla_fit,
         runs,
         plots,
         markdown: String::new(),
@@ -1326,45 +1361,64 @@ fn markdown(cfg: &OveroptConfig, rep: &Report, proxy: Option<&ProxyRmInfo>) -> S
     }
     let _ = writeln!(
         s,
-        "| method | seeds | gold @ matched KL | Δ vs vanilla (paired) | gold first | gold final | proxy final | gap final | agree before | agree after | sqrt KL final | length final |"
+        "| method | seeds | gold @ matched KL | Δ vs vanilla (paired) | gold @ matched KL, fit | Δ vs vanilla, fit | gold first | gold final | proxy final | gap final | agree before | agree after | sqrt KL final | length final |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for r in &rep.rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} ± {:.1} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} ± {:.1} |",
             r.method,
             r.seeds,
             r.gold_at_kl,
             r.vs_vanilla_at_kl,
+            r.gold_at_kl_fit,
+            r.vs_vanilla_at_kl_fit,
             r.gold_first,
             r.gold_final,
             r.proxy_final,
             r.gap_final,
-            r.agree_before,
-            r.agree_after,
-            r.sqrt_kl_final,
+            r.agree_before.plain(),
+            r.agree_after.plain(),
+            r.sqrt_kl_final.plain(),
             r.length_final.mean,
             r.length_final.std
         );
     }
-    if let (Some(d), Some(k)) = (rep.r2m_vs_vanilla, rep.matched_sqrt_kl) {
-        let verdict = if d.n < 2 {
-            "one seed: no spread, no conclusion"
-        } else if d.mean - d.std > 0.0 {
-            "R2M above vanilla by more than one std over seeds"
-        } else if d.mean + d.std < 0.0 {
-            "R2M below vanilla by more than one std over seeds"
-        } else {
-            "within one std over seeds: no clear difference"
-        };
-        let _ = writeln!(
-            s,
-            "\n**R2M − vanilla, gold at sqrt(KL) = {k:.3}: {:+.4} ± {:.4} over {} paired seeds ({verdict}).**",
-            d.mean, d.std, d.n
-        );
+    if let Some(k) = rep.matched_sqrt_kl {
+        for (d, how) in [
+            (rep.r2m_vs_vanilla, "interpolated at the crossing"),
+            (rep.r2m_vs_vanilla_fit, "line fitted to all steps"),
+        ] {
+            if let Some(d) = d {
+                let _ = writeln!(
+                    s,
+                    "\n**R2M − vanilla, gold at sqrt(KL) = {k:.3} ({how}): {:+.4} ± {:.4} over {} paired seeds ({}).**",
+                    d.mean,
+                    d.std,
+                    d.n,
+                    verdict(&d)
+                );
+            }
+        }
     }
     s
+}
+
+/// A difference over seeds in words: beyond one standard deviation or not.
+fn verdict(d: &Spread) -> &'static str {
+    if d.n < 2 {
+        "one seed: no spread, no conclusion"
+    } else if d.mean - d.std > 0.0 {
+        "R2M above vanilla by more than one std over seeds"
+    } else if d.mean + d.std < 0.0 {
+        "R2M below vanilla by more than one std over seeds"
+    } else {
+        "within one std over seeds: no clear difference"
+    }
 }
 
 /// The x value of a run's step `t` in a chart.
@@ -1520,6 +1574,18 @@ mod tests {
         assert!((r.gold_at(0.3).unwrap() - 0.3).abs() < 1e-12);
         assert_eq!(r.gold_at(0.0), Some(0.0));
         assert_eq!(r.gold_at(0.5), None);
+        // On the line gold = 0.1 + 2 sqrt(KL) the fit is exact.
+        let line = RunCurve {
+            sqrt_kl: vec![0.0, 0.1, 0.2, 0.4],
+            gold: vec![0.1, 0.3, 0.5, 0.9],
+            ..r.clone()
+        };
+        assert!((line.gold_fit_at(0.3).unwrap() - 0.7).abs() < 1e-12);
+        let flat = RunCurve {
+            sqrt_kl: vec![0.0, 0.0],
+            ..line.clone()
+        };
+        assert_eq!(flat.gold_fit_at(0.3), None);
     }
 
     #[test]

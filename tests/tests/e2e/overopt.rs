@@ -65,17 +65,16 @@ fn overopt_reduced_runs_every_method_resumes_and_reports() {
     assert_eq!(s.proxy_rm.train_pairs, cfg.rm_pairs);
     assert!(s.proxy_rm.calibration.proxy_std > 0.0);
 
-    // 2. Continued: the interrupted run resumes, the rest run, the report is written.
-    let s = run_experiment::<AB>(
-        &cfg,
-        &exp,
-        &device(),
-        ExperimentControl {
+    let run_quietly = |c: &OveroptConfig| {
+        let ctl = ExperimentControl {
             quiet: true,
             ..Default::default()
-        },
-    )
-    .unwrap();
+        };
+        run_experiment::<AB>(c, &exp, &device(), ctl)
+    };
+
+    // 2. Continued: the interrupted run resumes, the rest run, the report is written.
+    let s = run_quietly(&cfg).unwrap();
     assert!(!s.interrupted);
     assert_eq!(s.ran.len(), ALL_METHODS.len());
     for m in ALL_METHODS {
@@ -133,32 +132,15 @@ fn overopt_reduced_runs_every_method_resumes_and_reports() {
     assert_eq!(json["rows"].as_array().unwrap().len(), ALL_METHODS.len());
 
     // 3. Again: everything is found finished; other settings in the same directory are refused.
-    let s = run_experiment::<AB>(
-        &cfg,
-        &exp,
-        &device(),
-        ExperimentControl {
-            quiet: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let s = run_quietly(&cfg).unwrap();
     assert!(s.ran.is_empty());
     assert_eq!(s.skipped.len(), ALL_METHODS.len());
     let other = OveroptConfig {
         steps: 3,
         ..cfg.clone()
     };
-    let err = run_experiment::<AB>(
-        &other,
-        &exp,
-        &device(),
-        ExperimentControl {
-            quiet: true,
-            ..Default::default()
-        },
-    )
-    .expect_err("other settings are refused")
-    .to_string();
+    let err = run_quietly(&other)
+        .expect_err("other settings are refused")
+        .to_string();
     assert!(err.contains("steps") && err.contains("--resume"), "{err}");
 }
