@@ -1421,76 +1421,111 @@ fn verdict(d: &Spread) -> &'static str {
     }
 }
 
-/// The x value of a run's step `t` in a chart.
-type XOf<'a> = &'a dyn Fn(&RunCurve, usize) -> f64;
 /// The y column of a run in a chart.
 type YOf = fn(&RunCurve) -> &Vec<f64>;
+
+/// Bins of `sqrt(KL)` in the charts against KL: per-step KL estimates are noisy, so points are
+/// pooled into equal-width bins rather than joined in step order.
+const KL_BINS: usize = 6;
+
+/// One method's series over seeds: `cells(run)` gives each run's `(x, y)` per cell (a step, or a
+/// KL bin); a cell's point is the mean over the runs that have it, its band their min..max.
+fn method_series(
+    m: RmMethod,
+    runs: &[RunCurve],
+    cells: &dyn Fn(&RunCurve) -> Vec<Option<(f64, f64)>>,
+) -> Option<Series> {
+    let per_run: Vec<Vec<Option<(f64, f64)>>> = runs
+        .iter()
+        .filter(|r| r.method == m)
+        .map(|r| cells(r))
+        .collect();
+    let n_cells = per_run.iter().map(Vec::len).max()?;
+    let (mut points, mut band) = (Vec::new(), Vec::new());
+    for c in 0..n_cells {
+        let got: Vec<(f64, f64)> = per_run
+            .iter()
+            .filter_map(|v| v.get(c).copied().flatten())
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect();
+        if got.is_empty() {
+            continue;
+        }
+        let n = got.len() as f64;
+        let x = got.iter().map(|p| p.0).sum::<f64>() / n;
+        let y = got.iter().map(|p| p.1).sum::<f64>() / n;
+        let lo = got.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+        let hi = got.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+        points.push((x, y));
+        band.push((x, lo, hi));
+    }
+    Some(Series {
+        name: method_name(m),
+        points,
+        band: (per_run.len() > 1).then_some(band),
+    })
+}
 
 fn report_plots(exp: &Path, cfg: &OveroptConfig, runs: &[RunCurve]) -> Result<Vec<PathBuf>> {
     let dir = exp.join("plots");
     let mut out = Vec::new();
-    let by_method =
-        |m: RmMethod| -> Vec<&RunCurve> { runs.iter().filter(|r| r.method == m).collect() };
-    // Per step over seeds: x = mean of xs, y = mean of ys, band = min..max of ys.
-    let series = |m: RmMethod,
-                  x: &dyn Fn(&RunCurve, usize) -> f64,
-                  y: &dyn Fn(&RunCurve) -> &Vec<f64>|
-     -> Option<Series> {
-        let rs = by_method(m);
-        let steps = rs.iter().map(|r| r.gold.len()).min()?;
-        let mut pts = Vec::new();
-        let mut band = Vec::new();
-        for t in 0..steps {
-            let xs: Vec<f64> = rs.iter().map(|r| x(r, t)).collect();
-            let ys: Vec<f64> = rs
-                .iter()
-                .map(|r| y(r)[t])
-                .filter(|v| v.is_finite())
-                .collect();
-            if ys.is_empty() {
-                continue;
+    let max_kl = runs
+        .iter()
+        .flat_map(|r| r.sqrt_kl.iter().copied())
+        .filter(|x| x.is_finite())
+        .fold(0.0, f64::max)
+        .max(1e-9);
+    let width = max_kl / KL_BINS as f64;
+    // Each run's mean sqrt(KL) and mean y over its steps in each KL bin.
+    let kl_cells = |y: YOf| {
+        move |r: &RunCurve| -> Vec<Option<(f64, f64)>> {
+            let mut sums = vec![(0.0, 0.0, 0usize); KL_BINS];
+            for (&x, &v) in r.sqrt_kl.iter().zip(y(r)) {
+                if x.is_finite() && v.is_finite() {
+                    let b = ((x / width) as usize).min(KL_BINS - 1);
+                    sums[b] = (sums[b].0 + x, sums[b].1 + v, sums[b].2 + 1);
+                }
             }
-            let xm = xs.iter().sum::<f64>() / xs.len() as f64;
-            let ym = ys.iter().sum::<f64>() / ys.len() as f64;
-            pts.push((xm, ym));
-            let lo = ys.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = ys.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            band.push((xm, lo, hi));
+            sums.into_iter()
+                .map(|(sx, sy, n)| (n > 0).then(|| (sx / n as f64, sy / n as f64)))
+                .collect()
         }
-        Some(Series {
-            name: method_name(m),
-            points: pts,
-            band: (rs.len() > 1).then_some(band),
-        })
     };
-    let kl_x = |r: &RunCurve, t: usize| r.sqrt_kl[t];
-    let step_x = |_: &RunCurve, t: usize| (t + 1) as f64;
-    // (file stem, title, x label, y label, x of step t, y column)
-    type Spec<'a> = (&'a str, &'a str, &'a str, &'a str, XOf<'a>, YOf);
+    let step_cells = |y: YOf| {
+        move |r: &RunCurve| -> Vec<Option<(f64, f64)>> {
+            y(r).iter()
+                .enumerate()
+                .map(|(t, &v)| Some(((t + 1) as f64, v)))
+                .collect()
+        }
+    };
+    let kl_label = format!("sqrt(KL to the reference), {KL_BINS} bins");
+    // (file stem, title, x label, y label, against KL (else step), y column)
+    type Spec<'a> = (&'a str, &'a str, &'a str, &'a str, bool, YOf);
     let charts: [Spec; 6] = [
         (
             "gold_vs_sqrt_kl",
             "Gold reward (VADER) vs sqrt(KL)",
-            "sqrt(KL to the reference)",
+            &kl_label,
             "gold",
-            &kl_x,
+            true,
             |r| &r.gold,
         ),
         (
             "proxy_vs_sqrt_kl",
             "Proxy reward (on gold's scale) vs sqrt(KL)",
-            "sqrt(KL to the reference)",
+            &kl_label,
             "proxy",
-            &kl_x,
+            true,
             |r| &r.proxy_cal,
         ),
-        ("gap", "Proxy − gold", "step", "gap", &step_x, |r| &r.gap),
+        ("gap", "Proxy − gold", "step", "gap", false, |r| &r.gap),
         (
             "agreement_before",
             "RM agreement with gold on current samples (before its update)",
             "step",
             "agreement",
-            &step_x,
+            false,
             |r| &r.agree_before,
         ),
         (
@@ -1498,28 +1533,30 @@ fn report_plots(exp: &Path, cfg: &OveroptConfig, runs: &[RunCurve]) -> Result<Ve
             "RM agreement with gold on current samples (after its update)",
             "step",
             "agreement",
-            &step_x,
+            false,
             |r| &r.agree_after,
         ),
-        (
-            "length",
-            "Response length",
-            "step",
-            "tokens",
-            &step_x,
-            |r| &r.length,
-        ),
+        ("length", "Response length", "step", "tokens", false, |r| {
+            &r.length
+        }),
     ];
-    for (stem, title, xl, yl, x, y) in charts {
+    for (stem, title, xl, yl, against_kl, y) in charts {
+        let series = cfg
+            .methods
+            .iter()
+            .filter_map(|&m| {
+                if against_kl {
+                    method_series(m, runs, &kl_cells(y))
+                } else {
+                    method_series(m, runs, &step_cells(y))
+                }
+            })
+            .collect();
         let chart = Chart {
-            title: format!("{title} (min-max over seeds)"),
+            title: format!("{title} (mean, min-max over seeds)"),
             x_label: xl.into(),
             y_label: yl.into(),
-            series: cfg
-                .methods
-                .iter()
-                .filter_map(|&m| series(m, x, &y))
-                .collect(),
+            series,
         };
         out.extend(line_chart(&dir, stem, &chart)?);
     }
