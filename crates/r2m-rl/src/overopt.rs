@@ -1428,18 +1428,17 @@ type YOf = fn(&RunCurve) -> &Vec<f64>;
 /// pooled into equal-width bins rather than joined in step order.
 const KL_BINS: usize = 6;
 
+/// A run's `(x, y)` in each cell of a chart (`None`: no point there).
+type Cells = Vec<Option<(f64, f64)>>;
+
 /// One method's series over seeds: `cells(run)` gives each run's `(x, y)` per cell (a step, or a
 /// KL bin); a cell's point is the mean over the runs that have it, its band their min..max.
 fn method_series(
     m: RmMethod,
     runs: &[RunCurve],
-    cells: &dyn Fn(&RunCurve) -> Vec<Option<(f64, f64)>>,
+    cells: &dyn Fn(&RunCurve) -> Cells,
 ) -> Option<Series> {
-    let per_run: Vec<Vec<Option<(f64, f64)>>> = runs
-        .iter()
-        .filter(|r| r.method == m)
-        .map(|r| cells(r))
-        .collect();
+    let per_run: Vec<Cells> = runs.iter().filter(|r| r.method == m).map(cells).collect();
     let n_cells = per_run.iter().map(Vec::len).max()?;
     let (mut points, mut band) = (Vec::new(), Vec::new());
     for c in 0..n_cells {
@@ -1478,7 +1477,7 @@ fn report_plots(exp: &Path, cfg: &OveroptConfig, runs: &[RunCurve]) -> Result<Ve
     let width = max_kl / KL_BINS as f64;
     // Each run's mean sqrt(KL) and mean y over its steps in each KL bin.
     let kl_cells = |y: YOf| {
-        move |r: &RunCurve| -> Vec<Option<(f64, f64)>> {
+        move |r: &RunCurve| -> Cells {
             let mut sums = vec![(0.0, 0.0, 0usize); KL_BINS];
             for (&x, &v) in r.sqrt_kl.iter().zip(y(r)) {
                 if x.is_finite() && v.is_finite() {
@@ -1492,7 +1491,7 @@ fn report_plots(exp: &Path, cfg: &OveroptConfig, runs: &[RunCurve]) -> Result<Ve
         }
     };
     let step_cells = |y: YOf| {
-        move |r: &RunCurve| -> Vec<Option<(f64, f64)>> {
+        move |r: &RunCurve| -> Cells {
             y(r).iter()
                 .enumerate()
                 .map(|(t, &v)| Some(((t + 1) as f64, v)))
