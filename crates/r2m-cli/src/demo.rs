@@ -7,7 +7,7 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use r2m_core::Result;
 use r2m_rl::demo::{run_demo, DemoOptions};
-use r2m_rl::StepMetrics;
+use r2m_rl::run::read_step_metrics;
 
 use crate::backends::BackendTask;
 use crate::train::{ctrl_c_flag, report_run};
@@ -57,7 +57,8 @@ impl BackendTask for DemoTask {
             ),
             _ => println!("reward model: reused {}", s.rm_dir.display()),
         }
-        let metrics = read_metrics(&a.out.join("metrics.jsonl"));
+        // Only the summary table: an unreadable file leaves it empty.
+        let metrics = read_step_metrics(&a.out.join("metrics.jsonl")).unwrap_or_default();
         if !metrics.is_empty() {
             println!(
                 "\n{:>4}  {:>8}  {:>7}  {:>6}  {:>7}  {:>6}  {:>6}",
@@ -104,13 +105,4 @@ impl BackendTask for DemoTask {
         println!("demo took {:.0}s", t0.elapsed().as_secs_f64());
         Ok(())
     }
-}
-
-/// The metrics lines of a run (unreadable lines are skipped: this is only the summary table).
-fn read_metrics(path: &std::path::Path) -> Vec<StepMetrics> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }

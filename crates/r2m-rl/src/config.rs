@@ -268,6 +268,14 @@ pub enum RmMethod {
     PretrainedRm,
 }
 
+/// `vanilla`, `r2m`, ... as written in `r2m.method`.
+pub fn method_name(m: RmMethod) -> String {
+    serde_json::to_value(m)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{m:?}"))
+}
+
 /// `[r2m]`: the reward model's side of R2M (spec §2-§3). `alpha = 1` is the paper's "w/o BT",
 /// `alpha = 0` its "w/o GRE".
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

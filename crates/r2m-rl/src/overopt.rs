@@ -47,13 +47,14 @@ use r2m_models::{
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+pub use crate::config::method_name;
 use crate::config::{RewardKind, RlConfig, RmMethod};
 use crate::plots::{line_chart, Chart, Series};
 use crate::r2m_reward::{reward_from_config, RmUpdateStats};
 use crate::reward_fn::{LearnedRm, Prompt, RewardFn, RewardInput, RolloutReward};
 use crate::reward_training::{train_reward_model, RmOutputs, RmTrainConfig};
 use crate::rollout::Rollout;
-use crate::run::{list_checkpoints, train_with, RunControl, RunEnd};
+use crate::run::{list_checkpoints, read_step_metrics, train_with, RunControl, RunEnd};
 use crate::{load_prompts, vader, RlTrainer, StepMetrics};
 
 // ---------------------------------------------------------------------------------------------
@@ -192,14 +193,6 @@ impl OveroptConfig {
         }
         Ok(())
     }
-}
-
-/// `vanilla`, `r2m`, ... as in `r2m.method`.
-pub fn method_name(m: RmMethod) -> String {
-    serde_json::to_value(m)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| format!("{m:?}"))
 }
 
 /// `EXP/runs/METHOD-seedS`.
@@ -446,24 +439,13 @@ impl Calibration {
     pub fn fit(proxy: &[f64], gold: &[f64]) -> Self {
         let (mp, sp) = mean_std(proxy);
         let (mg, sg) = mean_std(gold);
-        let n = proxy.len().max(1) as f64;
-        let cov = proxy
-            .iter()
-            .zip(gold)
-            .map(|(p, g)| (p - mp) * (g - mg))
-            .sum::<f64>()
-            / n;
         Self {
             proxy_mean: mp,
             proxy_std: sp,
             gold_mean: mg,
             gold_std: sg,
             responses: proxy.len(),
-            correlation: if sp > 0.0 && sg > 0.0 {
-                cov / (sp * sg)
-            } else {
-                0.0
-            },
+            correlation: crate::reward_training::pearson(proxy, gold),
         }
     }
 
@@ -938,19 +920,19 @@ fn prepare_proxy_rm<B: AutodiffBackend>(
 /// [`Calibration`] of `rm` on the held-out pairs' responses (the initial policy's), scored
 /// exactly as the RL loop scores them.
 fn calibrate<B: Backend>(rm: &mut LearnedRm<B>, eval_pairs: &Path) -> Result<Calibration> {
-    let (held, _) = read_preferences(eval_pairs, ReadOptions::default())?;
     let golds = read_gold_pairs(eval_pairs)?;
-    let prompts: Vec<Prompt> = held
+    // A string prompt is one user message, as `read_preferences` reads it for training.
+    let prompts: Vec<Prompt> = golds
         .iter()
         .map(|p| Prompt {
             ids: Vec::new(),
-            messages: Some(p.prompt.clone()),
+            messages: Some(vec![ChatMessage::user(p.prompt.clone())]),
         })
         .collect();
     let mut inputs = Vec::new();
     let mut gold = Vec::new();
-    for ((p, pr), g) in held.iter().zip(&prompts).zip(&golds) {
-        for (text, gv) in [(&p.chosen, g.gold_chosen), (&p.rejected, g.gold_rejected)] {
+    for (g, pr) in golds.iter().zip(&prompts) {
+        for (text, gv) in [(&g.chosen, g.gold_chosen), (&g.rejected, g.gold_rejected)] {
             inputs.push(RewardInput {
                 prompt: pr,
                 response: &[],
@@ -1201,21 +1183,6 @@ pub struct Report {
     pub markdown: String,
 }
 
-fn read_run(path: &Path) -> Result<Vec<StepMetrics>> {
-    let text = std::fs::read_to_string(path).map_err(|e| R2mError::io(path, e))?;
-    let mut rows: Vec<StepMetrics> = Vec::new();
-    for (i, l) in text.lines().enumerate() {
-        if l.trim().is_empty() {
-            continue;
-        }
-        let m: StepMetrics = serde_json::from_str(l)
-            .map_err(|e| R2mError::format(path, format!("line {}: {e}", i + 1)))?;
-        rows.retain(|r| r.step < m.step);
-        rows.push(m);
-    }
-    Ok(rows)
-}
-
 /// Read every finished run of `cfg` in `exp`, write `report.md`, `report.json` and the plots.
 pub fn report(exp: &Path, cfg: &OveroptConfig) -> Result<Report> {
     let mut runs = Vec::new();
@@ -1224,7 +1191,7 @@ pub fn report(exp: &Path, cfg: &OveroptConfig) -> Result<Report> {
             let dir = run_dir(exp, m, s);
             let p = dir.join("metrics.jsonl");
             if dir.join("done.json").exists() && p.exists() {
-                runs.push(RunCurve::from_metrics(m, s, &read_run(&p)?));
+                runs.push(RunCurve::from_metrics(m, s, &read_step_metrics(&p)?));
             }
         }
     }

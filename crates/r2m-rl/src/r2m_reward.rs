@@ -326,8 +326,8 @@ impl<B: AutodiffBackend> R2mReward<B> {
 
 impl<B: AutodiffBackend> RolloutReward<Inner<B>> for R2mReward<B> {
     fn name(&self) -> String {
-        let m = serde_json::to_value(self.cfg.method).expect("json");
-        format!("{} ({})", self.rm.name, m.as_str().unwrap_or("?"))
+        let m = crate::config::method_name(self.cfg.method);
+        format!("{} ({m})", self.rm.name)
     }
 
     fn wants_hidden(&self) -> bool {

@@ -164,6 +164,23 @@ fn truncate_log(path: &Path, step: usize) -> Result<()> {
     std::fs::write(path, keep).map_err(io_err(path))
 }
 
+/// The steps of a run's `metrics.jsonl`; a step written twice (a resumed run re-doing steps)
+/// keeps its last line. A malformed line is an error naming the file and the line.
+pub fn read_step_metrics(path: &Path) -> Result<Vec<StepMetrics>> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let mut rows: Vec<StepMetrics> = Vec::new();
+    for (i, l) in text.lines().enumerate() {
+        if l.trim().is_empty() {
+            continue;
+        }
+        let m: StepMetrics = serde_json::from_str(l)
+            .map_err(|e| R2mError::format(path, format!("line {}: {e}", i + 1)))?;
+        rows.retain(|r| r.step < m.step);
+        rows.push(m);
+    }
+    Ok(rows)
+}
+
 fn open_append(path: &Path) -> Result<std::fs::File> {
     std::fs::OpenOptions::new()
         .create(true)
