@@ -97,7 +97,7 @@ pub fn generate<B: Backend>(
         valid.push((0..max_len).map(|i| i >= n_pad).collect::<Vec<_>>());
     }
     let mut padding = Padding { valid };
-    let mut cache = KvCache::new(model.config.num_layers);
+    let mut cache = KvCache::with_capacity(model.config.num_layers, max_len + cfg.max_new_tokens);
     let mut rngs: Vec<StdRng> = (0..b)
         .map(|r| StdRng::seed_from_u64(cfg.seed ^ (r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)))
         .collect();

@@ -215,29 +215,52 @@ impl Rope {
 }
 
 /// Per-layer key/value cache for incremental decoding.
+///
+/// Each layer keeps one `[batch, kv_heads, capacity, head_dim]` buffer for keys and one for
+/// values; positions `0..len` hold data and the rest are zeros that the attention mask hides.
+/// With a capacity ([`KvCache::with_capacity`]) new positions are written into the buffers with
+/// `slice_assign`, which the cubecl backends (CUDA, WGPU) do in place because the buffers are
+/// uniquely owned between steps, instead of concatenating and so reallocating and copying the
+/// whole cache at every token. (burn-flex 0.21's `slice_assign` still copies the buffer: its
+/// copy-on-write check counts its own temporary clone.) Without a capacity, or once it is full, a
+/// layer's buffers grow by concatenation.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
-    /// `(k, v)` per layer, each `[batch, kv_heads, cached_len, head_dim]`.
+    /// `(k, v)` per layer.
     layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    /// Filled positions per layer.
+    lens: Vec<usize>,
+    /// Positions to allocate on a layer's first append.
+    capacity: usize,
 }
 
 impl<B: Backend> KvCache<B> {
+    /// A cache that grows by concatenation.
     pub fn new(num_layers: usize) -> Self {
+        Self::with_capacity(num_layers, 0)
+    }
+
+    /// A cache that preallocates room for `capacity` positions (prompt plus new tokens).
+    pub fn with_capacity(num_layers: usize, capacity: usize) -> Self {
         Self {
             layers: (0..num_layers).map(|_| None).collect(),
+            lens: vec![0; num_layers],
+            capacity,
         }
     }
 
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dims()[2])
+        self.len_at(0)
     }
 
     /// Number of cached positions of one layer.
     pub fn len_at(&self, layer: usize) -> usize {
+        self.lens.get(layer).copied().unwrap_or(0)
+    }
+
+    /// Positions a layer's buffers hold (filled or not): the key length attention sees.
+    pub fn width_at(&self, layer: usize) -> usize {
         self.layers
             .get(layer)
             .and_then(|l| l.as_ref())
@@ -248,16 +271,49 @@ impl<B: Backend> KvCache<B> {
         self.len() == 0
     }
 
+    /// The key length attention will see after appending `new` positions to `layer`.
+    fn width_after(&self, layer: usize, new: usize) -> usize {
+        let need = self.len_at(layer) + new;
+        match &self.layers[layer] {
+            Some(_) if need <= self.width_at(layer) => self.width_at(layer),
+            Some(_) => need,
+            None => need.max(self.capacity),
+        }
+    }
+
+    /// Append `k`, `v` (`[batch, kv_heads, new, head_dim]`) to `layer`; returns the layer's whole
+    /// buffers (`[batch, kv_heads, width, head_dim]`, positions past the filled ones are zeros).
     fn append(
         &mut self,
         layer: usize,
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, kvh, new, hd] = k.dims();
+        let len = self.len_at(layer);
+        let width = self.width_after(layer, new);
         let (k, v) = match self.layers[layer].take() {
-            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
-            None => (k, v),
+            // Room left: write in place.
+            Some((pk, pv)) if pk.dims()[2] == width => (
+                pk.slice_assign([0..b, 0..kvh, len..len + new, 0..hd], k),
+                pv.slice_assign([0..b, 0..kvh, len..len + new, 0..hd], v),
+            ),
+            // Full (or no capacity): grow to exactly what is needed.
+            Some((pk, pv)) => (
+                Tensor::cat(vec![pk.narrow(2, 0, len), k], 2),
+                Tensor::cat(vec![pv.narrow(2, 0, len), v], 2),
+            ),
+            None if width == new => (k, v),
+            None => {
+                let dev = k.device();
+                let zeros = || Tensor::<B, 4>::zeros([b, kvh, width, hd], &dev);
+                (
+                    zeros().slice_assign([0..b, 0..kvh, 0..new, 0..hd], k),
+                    zeros().slice_assign([0..b, 0..kvh, 0..new, 0..hd], v),
+                )
+            }
         };
+        self.lens[layer] = len + new;
         self.layers[layer] = Some((k.clone(), v.clone()));
         (k, v)
     }
@@ -278,7 +334,8 @@ pub struct Attention<B: Backend> {
 impl<B: Backend> Attention<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]`
-    /// - `mask`: `[batch, heads, seq, kv_len]`, `true` = may not attend
+    /// - `mask`: `[batch, heads, seq, kv_len]`, `true` = may not attend (`kv_len` is the cache's
+    ///   width when a cache is given)
     /// - returns `[batch, seq, hidden]`
     fn forward(
         &self,
@@ -303,24 +360,21 @@ impl<B: Backend> Attention<B> {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
         };
-        let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
+        // Grouped-query attention without repeating K/V: the `n_rep` query heads that share a
+        // K/V head are consecutive, so `[batch, heads, seq, hd]` is `[batch, kv_heads,
+        // n_rep * seq, hd]` (and likewise the mask): each K/V head attends for n_rep * seq rows.
+        let n_rep = h / kvh;
+        let kv_len = k.dims()[2];
+        let q = q.reshape([b, kvh, n_rep * s, hd]);
+        let mask = mask.reshape([b, kvh, n_rep * s, kv_len]);
         let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
         // [batch, heads, seq, head_dim] -> [batch, seq, hidden]
-        let out = out.swap_dims(1, 2).reshape([b, s, h * hd]);
+        let out = out
+            .reshape([b, h, s, hd])
+            .swap_dims(1, 2)
+            .reshape([b, s, h * hd]);
         self.o_proj.forward(out)
     }
-}
-
-/// `[batch, kv_heads, len, hd]` -> `[batch, kv_heads * n_rep, len, hd]` (each K/V head serves
-/// `n_rep` consecutive query heads, as in HF).
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
-    if n_rep == 1 {
-        return x;
-    }
-    let [b, kvh, len, hd] = x.dims();
-    x.unsqueeze_dim::<5>(2)
-        .repeat_dim(2, n_rep)
-        .reshape([b, kvh * n_rep, len, hd])
 }
 
 /// The feed-forward block: SwiGLU when `gate_proj` is present, else `down(act(up(x)))`.
@@ -451,17 +505,20 @@ impl Padding {
             .collect()
     }
 
-    /// Attention mask for queries at key positions `start..start+len` over keys `0..start+len`:
+    /// Attention mask for queries at key positions `start..start+len` over keys `0..width`
+    /// (`width >= start + len`; keys from `start + len` on are unfilled cache slots):
     /// `true` where a query may **not** attend (a later key, or a padding key other than itself).
     fn attention_mask<B: Backend>(
         &self,
         start: usize,
         len: usize,
+        width: usize,
         heads: usize,
         dev: &B::Device,
     ) -> Tensor<B, 4, Bool> {
         let b = self.batch();
-        let kv = start + len;
+        let kv = width;
+        debug_assert!(width >= start + len);
         // Built per head on the host: an `expand`ed mask costs a slow strided copy inside the
         // attention kernel of some backends (flex).
         let mut m = Vec::with_capacity(b * heads * len * kv);
@@ -469,10 +526,11 @@ impl Padding {
             let tile = m.len();
             for qi in 0..len {
                 let q = start + qi;
-                for (k, &valid) in row.iter().enumerate().take(kv) {
+                for (k, &valid) in row.iter().enumerate().take(start + len) {
                     // A padding query attends to itself only, so no softmax row is empty.
                     m.push(k > q || (!valid && k != q));
                 }
+                m.extend(std::iter::repeat_n(true, kv - (start + len)));
             }
             for _ in 1..heads {
                 m.extend_from_within(tile..tile + len * kv);
@@ -781,7 +839,12 @@ impl<B: Backend> CausalLm<B> {
             self.config.num_kv_heads,
             &dev,
         );
-        let mask = padding.attention_mask::<B>(start, s, self.config.num_heads, &dev);
+        // Keys attention sees: the cache's buffers (filled or not) or just these positions.
+        let width = match (&cache, layers.is_empty()) {
+            (Some(c), false) => c.width_after(layers.start, s),
+            _ => start + s,
+        };
+        let mask = padding.attention_mask::<B>(start, s, width, self.config.num_heads, &dev);
         let mut x = x;
         for i in layers {
             let c = cache.as_deref_mut().map(|c| (c, i));

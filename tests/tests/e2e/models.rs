@@ -1,7 +1,9 @@
 //! Models against PyTorch `transformers`: SmolLM2 (real weights, GGUF Q4_1) and tiny random-weight
 //! Llama-3 / Qwen2 / GPT-NeoX checkpoints; save/reload round trips; batched generation.
 
-use r2m_models::{generate, load_hf_dir, save_hf_dir, ChatMessage, GenerationConfig, Padding};
+use r2m_models::{
+    generate, load_hf_dir, save_hf_dir, ChatMessage, GenerationConfig, KvCache, Padding,
+};
 
 use crate::common::*;
 
@@ -303,4 +305,69 @@ fn left_padding_does_not_change_a_rows_logits() {
         out.iter().all(|x| x.is_finite()),
         "padding rows must not produce NaN"
     );
+}
+
+/// Decoding token by token through the KV cache gives the full forward pass's logits, whether
+/// the cache grows by concatenation, is preallocated, or overflows its preallocation (tiny
+/// Llama-3 with grouped-query heads, one left-padded row).
+#[test]
+fn kv_cache_decoding_matches_the_full_forward_pass() {
+    let dir = fixture_dir().join("tiny").join("tiny-llama3");
+    let m = load_hf_dir::<TB>(&dir, &device()).unwrap().model;
+    assert!(m.config.num_heads > m.config.num_kv_heads, "want GQA");
+    let rows = vec![
+        vec![0u32, 0, 5, 17, 99, 3, 42, 8, 61, 30],
+        vec![7u32, 8, 9, 10, 11, 12, 13, 14, 15, 16],
+    ];
+    let (b, len, prefill) = (rows.len(), rows[0].len(), 4);
+    let mask: Vec<Vec<u8>> = rows
+        .iter()
+        .map(|r| {
+            let n_pad = if r[0] == 0 { 2 } else { 0 };
+            (0..len).map(|i| u8::from(i >= n_pad)).collect()
+        })
+        .collect();
+    let full_pad = Padding::from_mask(&mask);
+    let full = to_vec(m.forward(int_tensor(&rows), &full_pad).logits);
+    let vocab = m.config.vocab_size;
+    let n_layers = m.config.num_layers;
+    for (what, mut cache) in [
+        ("growing", KvCache::new(n_layers)),
+        ("overflowing", KvCache::with_capacity(n_layers, 6)),
+        ("preallocated", KvCache::with_capacity(n_layers, 16)),
+    ] {
+        let mut pad = Padding::from_mask(
+            &mask
+                .iter()
+                .map(|r| r[..prefill].to_vec())
+                .collect::<Vec<_>>(),
+        );
+        let ids: Vec<Vec<u32>> = rows.iter().map(|r| r[..prefill].to_vec()).collect();
+        let mut got = to_vec(m.lm_head(m.forward_hidden(int_tensor(&ids), &pad, Some(&mut cache))));
+        for pos in prefill..len {
+            pad.push_valid(1);
+            let ids: Vec<Vec<u32>> = rows.iter().map(|r| vec![r[pos]]).collect();
+            let step =
+                to_vec(m.lm_head(m.forward_hidden(int_tensor(&ids), &pad, Some(&mut cache))));
+            // Interleave: row r's logits for positions 0..=pos.
+            let mut merged = Vec::with_capacity(b * (pos + 1) * vocab);
+            for r in 0..b {
+                merged.extend_from_slice(&got[r * pos * vocab..(r + 1) * pos * vocab]);
+                merged.extend_from_slice(&step[r * vocab..(r + 1) * vocab]);
+            }
+            got = merged;
+        }
+        assert_eq!(cache.len(), len, "{what}");
+        // Padding positions' logits are meaningless; compare real positions only.
+        for (r, row_mask) in mask.iter().enumerate() {
+            for (pos, &real) in row_mask.iter().enumerate() {
+                if real == 0 {
+                    continue;
+                }
+                let at = (r * len + pos) * vocab;
+                let d = max_abs_diff(&got[at..at + vocab], &full[at..at + vocab]);
+                assert!(d < 1e-4, "{what}: row {r} position {pos} differs by {d}");
+            }
+        }
+    }
 }
