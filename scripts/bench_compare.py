@@ -10,7 +10,12 @@ other, collects their JSON lines and prints tokens/s of each with the ratio r2m 
   # GPU, random weights of the SmolLM2 architecture (speed does not depend on the values):
   python3 scripts/bench_compare.py --device cuda --dtype bf16 --model random
 
-Every JSON line of both sides is also appended to --out (default bench-results.jsonl).
+  # Before/after an optimisation on a noisy machine: an older build as a third column, 2 rounds:
+  python3 scripts/bench_compare.py --baseline /tmp/r2m-before --repeat 2 --scenarios generate \
+      --gen-batches 1,8
+
+Every JSON line of every side is also appended to --out (default bench-results.jsonl), tagged with
+its side (`label`) and round (`rep`).
 """
 
 from __future__ import annotations
@@ -65,6 +70,10 @@ def main() -> None:
     ap.add_argument("--out", default="bench-results.jsonl")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--skip-r2m", action="store_true")
+    ap.add_argument("--baseline", default=None,
+                    help="an older r2m binary to compare against (before/after an optimisation)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every side this many times, alternating, and average (noisy machines)")
     a = ap.parse_args()
 
     scen = a.scenarios.split(",")
@@ -88,14 +97,24 @@ def main() -> None:
     if a.train_top is not None:
         torch_cmd += ["--train-top", str(a.train_top)]
 
-    torch_rows = [] if a.skip_torch else run(torch_cmd, a.timeout)
-    r2m_rows = [] if a.skip_r2m else run(r2m_cmd, a.timeout)
+    def tagged(rows: list[dict], label: str, rep: int) -> list[dict]:
+        return [{**r, "label": label, "rep": rep} for r in rows]
+
+    # Alternate the sides within each repeat, so that a slow spell of the machine hits all of them.
+    rows: list[dict] = []
+    for rep in range(a.repeat):
+        if a.baseline:
+            rows += tagged(run([a.baseline, *r2m_cmd[1:]], a.timeout), "baseline", rep)
+        if not a.skip_r2m:
+            rows += tagged(run(r2m_cmd, a.timeout), "r2m", rep)
+        if not a.skip_torch:
+            rows += tagged(run(torch_cmd, a.timeout), "torch", rep)
     with open(a.out, "a") as f:
-        for r in torch_rows + r2m_rows:
+        for r in rows:
             f.write(json.dumps(r) + "\n")
 
     print()
-    print(table(torch_rows + r2m_rows))
+    print(table(rows))
 
 if __name__ == "__main__":
     main()
