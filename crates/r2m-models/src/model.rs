@@ -216,9 +216,10 @@ impl Rope {
 
 /// Per-layer key/value cache for incremental decoding.
 ///
-/// Each layer keeps one `[batch, kv_heads, capacity, head_dim]` buffer for keys and one for
+/// Each layer keeps one `[batch, kv_heads, width, head_dim]` buffer for keys and one for
 /// values; positions `0..len` hold data and the rest are zeros that the attention mask hides.
-/// With a capacity ([`KvCache::with_capacity`]) new positions are written into the buffers with
+/// With a capacity ([`KvCache::with_capacity`]) the buffers have room to spare (see
+/// `width_after`) and new positions are written into them with
 /// `slice_assign`, which the cubecl backends (CUDA, WGPU) do in place because the buffers are
 /// uniquely owned between steps, instead of concatenating and so reallocating and copying the
 /// whole cache at every token. (burn-flex 0.21's `slice_assign` still copies the buffer: its
@@ -240,7 +241,7 @@ impl<B: Backend> KvCache<B> {
         Self::with_capacity(num_layers, 0)
     }
 
-    /// A cache that preallocates room for `capacity` positions (prompt plus new tokens).
+    /// A cache for up to `capacity` positions (prompt plus new tokens) that grows by doubling.
     pub fn with_capacity(num_layers: usize, capacity: usize) -> Self {
         Self {
             layers: (0..num_layers).map(|_| None).collect(),
@@ -272,13 +273,20 @@ impl<B: Backend> KvCache<B> {
     }
 
     /// The key length attention will see after appending `new` positions to `layer`.
+    ///
+    /// With a capacity, buffers start at twice what the first append needs and double when full,
+    /// up to the capacity (like a `Vec`): few reallocations, and attention never reads more than
+    /// twice the filled length even when `max_new_tokens` is large and rows stop early. Past the
+    /// capacity, or without one, they grow to exactly what is needed.
     fn width_after(&self, layer: usize, new: usize) -> usize {
         let need = self.len_at(layer) + new;
-        match &self.layers[layer] {
-            Some(_) if need <= self.width_at(layer) => self.width_at(layer),
-            Some(_) => need,
-            None => need.max(self.capacity),
-        }
+        let width = self.width_at(layer);
+        let grown = match &self.layers[layer] {
+            Some(_) if need <= width => return width,
+            Some(_) => 2 * width,
+            None => 2 * need,
+        };
+        need.max(grown.min(self.capacity))
     }
 
     /// Append `k`, `v` (`[batch, kv_heads, new, head_dim]`) to `layer`; returns the layer's whole
@@ -298,7 +306,17 @@ impl<B: Backend> KvCache<B> {
                 pk.slice_assign([0..b, 0..kvh, len..len + new, 0..hd], k),
                 pv.slice_assign([0..b, 0..kvh, len..len + new, 0..hd], v),
             ),
-            // Full (or no capacity): grow to exactly what is needed.
+            // Full: move the filled part into bigger buffers.
+            Some((pk, pv)) if width > len + new => {
+                let dev = pk.device();
+                let grow = |old: Tensor<B, 4>, new_part: Tensor<B, 4>| {
+                    Tensor::<B, 4>::zeros([b, kvh, width, hd], &dev)
+                        .slice_assign([0..b, 0..kvh, 0..len, 0..hd], old.narrow(2, 0, len))
+                        .slice_assign([0..b, 0..kvh, len..len + new, 0..hd], new_part)
+                };
+                (grow(pk, k), grow(pv, v))
+            }
+            // Full, past the capacity or without one: grow to exactly what is needed.
             Some((pk, pv)) => (
                 Tensor::cat(vec![pk.narrow(2, 0, len), k], 2),
                 Tensor::cat(vec![pv.narrow(2, 0, len), v], 2),

@@ -308,8 +308,8 @@ fn left_padding_does_not_change_a_rows_logits() {
 }
 
 /// Decoding token by token through the KV cache gives the full forward pass's logits, whether
-/// the cache grows by concatenation, is preallocated, or overflows its preallocation (tiny
-/// Llama-3 with grouped-query heads, one left-padded row).
+/// the cache grows by concatenation, has room to spare and doubles (4 -> 8 -> 16 positions), or
+/// runs past its capacity (tiny Llama-3 with grouped-query heads, one left-padded row).
 #[test]
 fn kv_cache_decoding_matches_the_full_forward_pass() {
     let dir = fixture_dir().join("tiny").join("tiny-llama3");
@@ -334,7 +334,7 @@ fn kv_cache_decoding_matches_the_full_forward_pass() {
     for (what, mut cache) in [
         ("growing", KvCache::new(n_layers)),
         ("overflowing", KvCache::with_capacity(n_layers, 6)),
-        ("preallocated", KvCache::with_capacity(n_layers, 16)),
+        ("doubling", KvCache::with_capacity(n_layers, 16)),
     ] {
         let mut pad = Padding::from_mask(
             &mask
