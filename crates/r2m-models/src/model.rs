@@ -223,15 +223,15 @@ impl Rope {
 /// `slice_assign`, which the cubecl backends (CUDA, WGPU) do in place because the buffers are
 /// uniquely owned between steps, instead of concatenating and so reallocating and copying the
 /// whole cache at every token. (burn-flex 0.21's `slice_assign` still copies the buffer: its
-/// copy-on-write check counts its own temporary clone.) Without a capacity, or once it is full, a
-/// layer's buffers grow by concatenation.
+/// copy-on-write check counts its own temporary clone.) Without a capacity, or past it, a layer's
+/// buffers grow by concatenation to exactly what is needed.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
     /// `(k, v)` per layer.
     layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     /// Filled positions per layer.
     lens: Vec<usize>,
-    /// Positions to allocate on a layer's first append.
+    /// Most positions the buffers grow to by doubling (0: grow exactly, by concatenation).
     capacity: usize,
 }
 
