@@ -300,35 +300,32 @@ impl<B: Backend> KvCache<B> {
         let [b, kvh, new, hd] = k.dims();
         let len = self.len_at(layer);
         let width = self.width_after(layer, new);
+        let at = |range: std::ops::Range<usize>| [0..b, 0..kvh, range, 0..hd];
         let (k, v) = match self.layers[layer].take() {
             // Room left: write in place.
             Some((pk, pv)) if pk.dims()[2] == width => (
-                pk.slice_assign([0..b, 0..kvh, len..len + new, 0..hd], k),
-                pv.slice_assign([0..b, 0..kvh, len..len + new, 0..hd], v),
+                pk.slice_assign(at(len..len + new), k),
+                pv.slice_assign(at(len..len + new), v),
             ),
-            // Full: move the filled part into bigger buffers.
-            Some((pk, pv)) if width > len + new => {
-                let dev = pk.device();
-                let grow = |old: Tensor<B, 4>, new_part: Tensor<B, 4>| {
-                    Tensor::<B, 4>::zeros([b, kvh, width, hd], &dev)
-                        .slice_assign([0..b, 0..kvh, 0..len, 0..hd], old.narrow(2, 0, len))
-                        .slice_assign([0..b, 0..kvh, len..len + new, 0..hd], new_part)
-                };
-                (grow(pk, k), grow(pv, v))
-            }
-            // Full, past the capacity or without one: grow to exactly what is needed.
-            Some((pk, pv)) => (
+            // Past the capacity, or without one: grow to exactly what is needed.
+            Some((pk, pv)) if width == len + new => (
                 Tensor::cat(vec![pk.narrow(2, 0, len), k], 2),
                 Tensor::cat(vec![pv.narrow(2, 0, len), v], 2),
             ),
             None if width == new => (k, v),
-            None => {
+            // First append, or full: new buffers with room to spare, the filled part moved over.
+            old => {
                 let dev = k.device();
-                let zeros = || Tensor::<B, 4>::zeros([b, kvh, width, hd], &dev);
-                (
-                    zeros().slice_assign([0..b, 0..kvh, 0..new, 0..hd], k),
-                    zeros().slice_assign([0..b, 0..kvh, 0..new, 0..hd], v),
-                )
+                let (pk, pv) = old.unzip();
+                let fill = |old: Option<Tensor<B, 4>>, part: Tensor<B, 4>| {
+                    let buf = Tensor::<B, 4>::zeros([b, kvh, width, hd], &dev);
+                    let buf = match old {
+                        Some(o) => buf.slice_assign(at(0..len), o.narrow(2, 0, len)),
+                        None => buf,
+                    };
+                    buf.slice_assign(at(len..len + new), part)
+                };
+                (fill(pk, k), fill(pv, v))
             }
         };
         self.lens[layer] = len + new;
