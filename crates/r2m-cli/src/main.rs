@@ -1,5 +1,6 @@
 //! The `r2m` command.
 
+mod alloc;
 mod backends;
 mod bench;
 mod demo;
@@ -209,6 +210,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    alloc::keep_freed_memory();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,8 @@
 //!
 //! - [`config`]: one [`ModelConfig`] for Llama/SmolLM2/Llama-3, Qwen2 and GPT-NeoX/Pythia;
 //! - [`model`]: the decoder ([`CausalLm`]), returning logits and last-layer hidden states;
+//! - [`fused`]: its CPU hot spots (SwiGLU gate, attention, few-row GEMM, KV-cache writes) with
+//!   multi-threaded kernels for the flex backend;
 //! - [`weights`], [`gguf`]: HF safetensors and GGUF checkpoints, dequantised to f32;
 //! - [`tokenizer`]: HF tokenizers and chat templates;
 //! - [`generate`]: batched sampling with a KV cache;
@@ -9,6 +11,7 @@
 //! - [`hub`], [`load`]: the default model (`smollm2`), loading and saving.
 
 pub mod config;
+pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod hub;

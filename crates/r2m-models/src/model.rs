@@ -6,14 +6,14 @@
 //! uses it ([`CausalLm::from_weights`], [`CausalLm::to_weights`]).
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{gelu, silu, tanh};
+use burn::tensor::activation::{gelu, tanh};
 use burn::tensor::backend::Backend;
-use burn::tensor::module::{attention, embedding, linear};
-use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::module::embedding;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use r2m_core::{R2mError, Result};
 
 use crate::config::{Activation, Architecture, ModelConfig};
+use crate::fused;
 use crate::weights::{RawTensor, WeightMap};
 
 /// A linear layer, weight stored as `[d_in, d_out]`.
@@ -32,7 +32,11 @@ impl<B: Backend> Linear<B> {
         let d_out = self.weight.dims()[1];
         let rows: usize = dims[..D - 1].iter().product();
         let flat: Tensor<B, 2> = x.reshape([rows, dims[D - 1]]);
-        let y = linear(flat, self.weight.val(), self.bias.as_ref().map(|b| b.val()));
+        let y = fused::matmul(flat, self.weight.val());
+        let y = match &self.bias {
+            Some(b) => y + b.val().unsqueeze(),
+            None => y,
+        };
         let mut out_dims = dims;
         out_dims[D - 1] = d_out;
         y.reshape(out_dims)
@@ -300,12 +304,11 @@ impl<B: Backend> KvCache<B> {
         let [b, kvh, new, hd] = k.dims();
         let len = self.len_at(layer);
         let width = self.width_after(layer, new);
-        let at = |range: std::ops::Range<usize>| [0..b, 0..kvh, range, 0..hd];
         let (k, v) = match self.layers[layer].take() {
             // Room left: write in place.
             Some((pk, pv)) if pk.dims()[2] == width => (
-                pk.slice_assign(at(len..len + new), k),
-                pv.slice_assign(at(len..len + new), v),
+                fused::write_positions(pk, len, k),
+                fused::write_positions(pv, len, v),
             ),
             // Past the capacity, or without one: grow to exactly what is needed.
             Some((pk, pv)) if width == len + new => (
@@ -320,10 +323,10 @@ impl<B: Backend> KvCache<B> {
                 let fill = |old: Option<Tensor<B, 4>>, part: Tensor<B, 4>| {
                     let buf = Tensor::<B, 4>::zeros([b, kvh, width, hd], &dev);
                     let buf = match old {
-                        Some(o) => buf.slice_assign(at(0..len), o.narrow(2, 0, len)),
+                        Some(o) => fused::write_positions(buf, 0, o.narrow(2, 0, len)),
                         None => buf,
                     };
-                    buf.slice_assign(at(len..len + new), part)
+                    fused::write_positions(buf, len, part)
                 };
                 (fill(pk, k), fill(pv, v))
             }
@@ -382,7 +385,7 @@ impl<B: Backend> Attention<B> {
         let kv_len = k.dims()[2];
         let q = q.reshape([b, kvh, n_rep * s, hd]);
         let mask = mask.reshape([b, kvh, n_rep * s, kv_len]);
-        let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
+        let out = fused::attention(q, k, v, mask);
         // [batch, heads, seq, head_dim] -> [batch, seq, hidden]
         let out = out
             .reshape([b, h, s, hd])
@@ -406,7 +409,7 @@ impl<B: Backend> Mlp<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let up = self.up_proj.forward(x.clone());
         let hidden = match (&self.gate_proj, self.activation) {
-            (Some(gate), _) => silu(gate.forward(x)) * up,
+            (Some(gate), _) => fused::silu_mul(gate.forward(x), up),
             (None, Activation::Gelu | Activation::Silu) => gelu(up),
             (None, Activation::GeluTanh) => gelu_tanh(up),
         };
@@ -891,10 +894,8 @@ impl<B: Backend> CausalLm<B> {
             None => {
                 let [b, s, d] = hidden.dims();
                 let vocab = self.config.vocab_size;
-                hidden
-                    .reshape([b * s, d])
-                    .matmul(self.embed_tokens.val().transpose())
-                    .reshape([b, s, vocab])
+                let flat = hidden.reshape([b * s, d]);
+                fused::matmul(flat, self.embed_tokens.val().transpose()).reshape([b, s, vocab])
             }
         }
     }
