@@ -121,6 +121,14 @@ mod flex {
         cast(t).unwrap_or_else(|_| unreachable!("only called after a successful cast"))
     }
 
+    /// Both `a` and `b` as `U`s, or both back unchanged.
+    fn cast2<T: 'static, U: 'static>(a: T, b: T) -> Result<(U, U), (T, T)> {
+        match (cast(a), cast(b)) {
+            (Ok(a), Ok(b)) => Ok((a, b)),
+            (a, b) => Err((a.map_or_else(|t| t, back), b.map_or_else(|t| t, back))),
+        }
+    }
+
     /// The f32 buffer of `t` in row-major order, if it has one.
     fn dense_f32(t: &FlexTensor) -> bool {
         t.dtype() == DType::F32 && t.layout().is_contiguous() && t.layout().start_offset() == 0
@@ -130,10 +138,7 @@ mod flex {
         gate: Tensor<B, D>,
         up: Tensor<B, D>,
     ) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
-        let (gate, up): (Tensor<Flex, D>, Tensor<Flex, D>) = match (cast(gate), cast(up)) {
-            (Ok(g), Ok(u)) => (g, u),
-            (g, u) => return Err((g.map_or_else(|t| t, back), u.map_or_else(|t| t, back))),
-        };
+        let (gate, up) = cast2::<_, Tensor<Flex, D>>(gate, up)?;
         let (mut g, u) = (gate.into_primitive().tensor(), up.into_primitive().tensor());
         if !dense_f32(&g) || !dense_f32(&u) || g.layout().shape() != u.layout().shape() {
             let f = |t| Tensor::<Flex, D>::from_primitive(TensorPrimitive::Float(t));
@@ -158,10 +163,7 @@ mod flex {
         x: Tensor<B, 2>,
         w: Tensor<B, 2>,
     ) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
-        let (x, w): (Tensor<Flex, 2>, Tensor<Flex, 2>) = match (cast(x), cast(w)) {
-            (Ok(x), Ok(w)) => (x, w),
-            (x, w) => return Err((x.map_or_else(|t| t, back), w.map_or_else(|t| t, back))),
-        };
+        let (x, w) = cast2::<_, Tensor<Flex, 2>>(x, w)?;
         match small_rows::matmul(&x, &w) {
             Some(y) => Ok(back(y)),
             None => Ok(back(x.matmul(w))),
@@ -173,10 +175,7 @@ mod flex {
         at: usize,
         part: Tensor<B, 4>,
     ) -> Result<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>)> {
-        let (buf, part): (Tensor<Flex, 4>, Tensor<Flex, 4>) = match (cast(buf), cast(part)) {
-            (Ok(b), Ok(p)) => (b, p),
-            (b, p) => return Err((b.map_or_else(|t| t, back), p.map_or_else(|t| t, back))),
-        };
+        let (buf, part) = cast2::<_, Tensor<Flex, 4>>(buf, part)?;
         let [b, h, len, d] = part.dims();
         let width = buf.dims()[2];
         let (mut dst, src) = (
