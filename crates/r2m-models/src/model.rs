@@ -223,12 +223,10 @@ impl Rope {
 /// Each layer keeps one `[batch, kv_heads, width, head_dim]` buffer for keys and one for
 /// values; positions `0..len` hold data and the rest are zeros that the attention mask hides.
 /// With a capacity ([`KvCache::with_capacity`]) the buffers have room to spare (see
-/// `width_after`) and new positions are written into them with
-/// `slice_assign`, which the cubecl backends (CUDA, WGPU) do in place because the buffers are
-/// uniquely owned between steps, instead of concatenating and so reallocating and copying the
-/// whole cache at every token. (burn-flex 0.21's `slice_assign` still copies the buffer: its
-/// copy-on-write check counts its own temporary clone.) Without a capacity, or past it, a layer's
-/// buffers grow by concatenation to exactly what is needed.
+/// `width_after`) and new positions are written into them in place by
+/// [`fused::write_positions`] (the buffers are uniquely owned between steps), instead of
+/// concatenating and so reallocating and copying the whole cache at every token. Without a
+/// capacity, or past it, a layer's buffers grow by concatenation to exactly what is needed.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
     /// `(k, v)` per layer.
