@@ -35,6 +35,10 @@ pub enum Scenario {
     /// RL steps of the `--config` run, vanilla and R2M alternating on the same prompts: per-step
     /// time split and the R2M / vanilla ratio.
     RlStep,
+    /// Correctness on this backend, to run before timing it: the tiny fixtures' logits against
+    /// PyTorch (`--fixtures`), KV-cache decoding against the full forward pass, sampling on the
+    /// device against the host. Fails when one is off (see `check.rs`).
+    Check,
 }
 
 #[derive(clap::Args, Debug)]
@@ -77,6 +81,9 @@ pub struct BenchArgs {
     /// H100/H200); when given, MFU is reported.
     #[arg(long)]
     peak_tflops: Option<f64>,
+    /// `check`: the folder of PyTorch fixtures (the repository's `tests/fixtures`).
+    #[arg(long, default_value = "tests/fixtures")]
+    fixtures: std::path::PathBuf,
 }
 
 pub fn run(device: DeviceArg, dtype: DtypeArg, args: BenchArgs) -> Result<()> {
@@ -127,6 +134,10 @@ impl BackendTask for BenchTask {
                 }
                 Scenario::Generate => {
                     bench_generate(&model, &a, backend)?;
+                    continue;
+                }
+                Scenario::Check => {
+                    crate::check::run::<B>(&a.fixtures, &device, backend)?;
                     continue;
                 }
                 Scenario::Forward => {
@@ -200,7 +211,7 @@ impl BackendTask for BenchTask {
             let name = match scenario {
                 Scenario::Forward => "forward",
                 Scenario::Hidden => "hidden",
-                Scenario::Gemm | Scenario::RlStep | Scenario::Generate => {
+                Scenario::Gemm | Scenario::RlStep | Scenario::Generate | Scenario::Check => {
                     unreachable!("reported above")
                 }
                 Scenario::Train => "train",

@@ -3,6 +3,7 @@
 mod alloc;
 mod backends;
 mod bench;
+mod check;
 mod demo;
 mod experiment;
 mod rm;

@@ -2,9 +2,12 @@
 //!
 //! Prompts of different lengths are left-padded; the padding is masked out of attention and
 //! position ids count real tokens only, so a row's tokens do not depend on the rest of the batch.
-//! Sampling happens on the host from the last position's logits, with one seeded RNG per row.
+//! Each row has its own seeded RNG. Greedy and plain temperature sampling pick the tokens where the
+//! logits are ([`sample_on_device`]: only the picks and their log-probs come back, not the
+//! `[batch, vocab]` logits); top-k and top-p copy the last position's logits to the host and use
+//! [`sample`]. Both draw the same uniforms from a row's RNG and pick the same tokens.
 
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, DType, FloatDType, Int, Tensor, TensorData};
 use r2m_core::Result;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -111,33 +114,62 @@ pub fn generate<B: Backend>(
         .collect();
     let mut done = vec![false; b];
 
+    let on_device = cfg.top_k.is_none() && cfg.top_p.is_none_or(|p| p >= 1.0);
+    let vocab = model.config.vocab_size;
+    // Added to the logits while EOS is not allowed yet (`min_new_tokens`).
+    let eos_ban = (cfg.min_new_tokens > 0).then(|| {
+        let mut bias = vec![0f32; vocab];
+        for &e in &eos {
+            if let Some(x) = bias.get_mut(e as usize) {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+        Tensor::<B, 2>::from_data(TensorData::new(bias, [1, vocab]), (&dev, DType::F32))
+    });
+
     let mut input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, max_len]), &dev);
     for step in 0..cfg.max_new_tokens {
         let hidden = model.forward_hidden(input, &padding, Some(&mut cache));
         let s = hidden.dims()[1];
-        let logits = model.lm_head(hidden.narrow(1, s - 1, 1));
-        let vocab = logits.dims()[2];
-        let mut logits = logits
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .expect("f32 logits");
+        let mut logits = model
+            .lm_head(hidden.narrow(1, s - 1, 1))
+            .reshape([b, vocab])
+            .cast(FloatDType::F32);
         if step < cfg.min_new_tokens {
-            for r in 0..b {
-                for &e in &eos {
-                    if let Some(l) = logits.get_mut(r * vocab + e as usize) {
-                        *l = f32::NEG_INFINITY;
-                    }
-                }
-            }
+            logits = logits + eos_ban.clone().expect("built when min_new_tokens > 0");
         }
+        let picks: Vec<(u32, f32)> = if on_device {
+            // One uniform per row still sampling, as `sample` draws.
+            let uniforms: Vec<f32> = (0..b)
+                .map(|r| {
+                    if done[r] || cfg.temperature <= 0.0 {
+                        0.0
+                    } else {
+                        rngs[r].random::<f32>()
+                    }
+                })
+                .collect();
+            let (toks, lps) = sample_on_device(logits, cfg.temperature, &uniforms);
+            toks.into_iter().zip(lps).collect()
+        } else {
+            let logits = logits.into_data().to_vec::<f32>().expect("f32 logits");
+            (0..b)
+                .map(|r| {
+                    if done[r] {
+                        (pad, 0.0)
+                    } else {
+                        sample(&logits[r * vocab..(r + 1) * vocab], cfg, &mut rngs[r])
+                    }
+                })
+                .collect()
+        };
         let mut next = Vec::with_capacity(b);
         for r in 0..b {
             if done[r] {
                 next.push(pad as i64);
                 continue;
             }
-            let (tok, lp) = sample(&logits[r * vocab..(r + 1) * vocab], cfg, &mut rngs[r]);
+            let (tok, lp) = picks[r];
             let g = &mut out[r];
             g.tokens.push(tok);
             g.logprobs.push(lp);
@@ -176,6 +208,74 @@ pub fn generate<B: Backend>(
         }
     }
     Ok(out)
+}
+
+/// Block length of the two-level prefix sum in [`sample_on_device`]: burn's GPU `cumsum` reads every
+/// earlier element for each output (quadratic in the length), so a row of the vocabulary is summed
+/// as blocks of 64 and then across the blocks.
+const CDF_BLOCK: usize = 64;
+
+/// Greedy or plain temperature sampling of every row of `logits` (`[batch, vocab]`, f32) where the
+/// logits are; returns each row's token and its log-probability under the sampling distribution.
+///
+/// The same picks as [`sample`] without top-k/top-p: greedy is the first index of the maximum;
+/// sampling takes the first token whose cumulative probability, in index order, exceeds the row's
+/// uniform `u` (drawn on the host from the row's RNG, as [`sample`] draws it). Only the picks
+/// leave the device.
+pub fn sample_on_device<B: Backend>(
+    logits: Tensor<B, 2>,
+    temperature: f32,
+    uniforms: &[f32],
+) -> (Vec<u32>, Vec<f32>) {
+    let [b, vocab] = logits.dims();
+    let dev = logits.device();
+    let scaled = if temperature > 0.0 {
+        logits.div_scalar(temperature)
+    } else {
+        logits
+    };
+    let max = scaled.clone().max_dim(1);
+    let exps = (scaled.clone() - max.clone()).exp();
+    let picks = if temperature <= 0.0 {
+        scaled.clone().argmax(1)
+    } else {
+        // Inverse CDF: the pick is the number of tokens whose cumulative probability is <= u.
+        let blocks = vocab.div_ceil(CDF_BLOCK);
+        let padded = if blocks * CDF_BLOCK > vocab {
+            let zeros = Tensor::zeros([b, blocks * CDF_BLOCK - vocab], (&dev, DType::F32));
+            Tensor::cat(vec![exps.clone(), zeros], 1)
+        } else {
+            exps.clone()
+        };
+        let within = padded.reshape([b, blocks, CDF_BLOCK]).cumsum(2);
+        let block_sums = within
+            .clone()
+            .narrow(2, CDF_BLOCK - 1, 1)
+            .reshape([b, blocks]);
+        let before = block_sums.clone().cumsum(1) - block_sums.clone();
+        let cdf = within + before.unsqueeze_dim::<3>(2);
+        let total = block_sums.sum_dim(1);
+        let u = Tensor::<B, 2>::from_data(
+            TensorData::new(uniforms.to_vec(), [b, 1]),
+            (&dev, DType::F32),
+        );
+        let threshold = (u * total).unsqueeze_dim::<3>(2);
+        (cdf - threshold)
+            .lower_equal_elem(0.0)
+            .int()
+            .reshape([b, blocks * CDF_BLOCK])
+            .sum_dim(1)
+            .clamp_max(vocab as i64 - 1)
+    };
+    let log_z = max + exps.sum_dim(1).log();
+    let logprobs = scaled.gather(1, picks.clone()) - log_z;
+    let toks = picks
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .expect("int picks");
+    let lps = logprobs.into_data().to_vec::<f32>().expect("f32 log-probs");
+    (toks.into_iter().map(|t| t as u32).collect(), lps)
 }
 
 /// Pick one token from a row of logits; returns it with its log-probability.
@@ -244,6 +344,66 @@ pub fn sample(logits: &[f32], cfg: &GenerationConfig, rng: &mut impl Rng) -> (u3
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The device path against the host path on the same logits and RNG streams: same tokens, same
+    /// log-probs. A vocabulary of 1000 is not a multiple of the CDF block, so the padding is used.
+    #[test]
+    fn sampling_on_device_picks_what_the_host_picks() {
+        use burn::backend::Flex;
+        let (b, vocab) = (6, 1000);
+        let mut data: Vec<f32> = (0..b * vocab)
+            .map(|i| ((i as f32 * 0.618).sin() * 4.0 + (i % 7) as f32 * 0.3).powi(2) * 0.4)
+            .collect();
+        data[2 * vocab + 10] = 1e3; // one row all but certain
+        data[3 * vocab + 999] = 1e3; // ... at the last index
+        data[4 * vocab + 5] = f32::NEG_INFINITY; // a banned token (EOS before min_new_tokens)
+        let dev = Default::default();
+        let logits = Tensor::<Flex, 2>::from_data(TensorData::new(data.clone(), [b, vocab]), &dev);
+        for temperature in [0.0, 0.7, 1.0] {
+            let cfg = GenerationConfig {
+                temperature,
+                ..Default::default()
+            };
+            let mut host_rngs: Vec<StdRng> =
+                (0..b).map(|r| StdRng::seed_from_u64(r as u64)).collect();
+            let mut dev_rngs = host_rngs.clone();
+            for draw in 0..40 {
+                let uniforms: Vec<f32> = dev_rngs
+                    .iter_mut()
+                    .map(|g| {
+                        if temperature > 0.0 {
+                            g.random::<f32>()
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let (toks, lps) = sample_on_device(logits.clone(), temperature, &uniforms);
+                for r in 0..b {
+                    let (tok, lp) =
+                        sample(&data[r * vocab..(r + 1) * vocab], &cfg, &mut host_rngs[r]);
+                    assert_eq!(toks[r], tok, "t={temperature} draw {draw} row {r}");
+                    assert!(
+                        (lps[r] - lp).abs() < 1e-4,
+                        "t={temperature} row {r}: {} vs {lp}",
+                        lps[r]
+                    );
+                }
+                assert_ne!(toks[4], 5, "a -inf logit is never picked");
+            }
+            if temperature == 0.0 {
+                continue;
+            }
+            // The draws do spread over the vocabulary (not one token per row).
+            let (toks, _) = sample_on_device(
+                logits.clone(),
+                temperature,
+                &[0.1, 0.3, 0.5, 0.7, 0.9, 0.99],
+            );
+            assert_ne!(toks[0], toks[1]);
+            assert_eq!((toks[2], toks[3]), (10, 999));
+        }
+    }
 
     #[test]
     fn greedy_picks_argmax_with_its_log_prob() {
