@@ -7,13 +7,12 @@ use std::time::Instant;
 
 use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module};
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::ValueEnum;
-use r2m_core::tensor::gather_log_probs;
 use r2m_core::Result;
-use r2m_models::{generate, load_model, CausalLm, GenerationConfig, Padding};
+use r2m_models::{fused, generate, load_model, CausalLm, GenerationConfig, Padding};
 use r2m_rl::rollout::{final_hidden, Start};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -270,7 +269,8 @@ fn bench_train<B: Backend>(a: &BenchArgs, device: &B::Device) -> Result<Vec<f64>
         }
         None => 0,
     };
-    let mut optim = AdamWConfig::new().init::<Autodiff<B>, CausalLm<Autodiff<B>>>();
+    // The trainers' AdamW (one pass per tensor on flex), with burn's default weight decay.
+    let mut optim = r2m_rl::optim::adamw::<Autodiff<B>, CausalLm<Autodiff<B>>>(1e-4);
     let vocab = m.config.vocab_size;
     let tokens = random_tokens::<Autodiff<B>>(a.batch, a.seq + 1, vocab, device);
     let (inputs, targets) = (
@@ -291,7 +291,10 @@ fn bench_train<B: Backend>(a: &BenchArgs, device: &B::Device) -> Result<Vec<f64>
             Start::Tokens(inputs.clone())
         };
         let h = final_hidden(&m, from, &padding);
-        let loss = gather_log_probs(m.lm_head(h), targets.clone()).mean().neg();
+        let loss = fused::token_log_probs(m.lm_head(h), targets.clone())
+            .0
+            .mean()
+            .neg();
         let grads = GradientsParams::from_grads(loss.backward(), &m);
         m = optim.step(1e-5, m, grads);
         // Wait for the update to finish before stopping the clock.

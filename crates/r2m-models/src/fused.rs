@@ -1,4 +1,4 @@
-//! The decoder's CPU hot spots as single functions, each with a faster kernel for flex.
+//! The CPU hot spots as single functions, each with a faster kernel for flex.
 //!
 //! [`silu_mul`] (SwiGLU's gating), [`attention`], [`matmul`] and [`write_positions`] (the KV
 //! cache update) are written once with burn tensor ops, which every backend runs. With the `flex`
@@ -12,15 +12,19 @@
 //! - `slice_assign` copies its whole target, which for the KV cache is every layer's cache at
 //!   every token; [`write_positions`] writes in place.
 //!
-//! Anything else, including `Autodiff<Flex>` in training, takes the tensor-op path, so gradients
-//! are burn's own. Both paths compute the same function; the tests below hold them to each other,
-//! and the SmolLM2 parity fixtures run through the kernels.
+//! Training (`Autodiff<Flex>`) takes the tensor-op path of those, so their gradients are burn's
+//! own, with two exceptions, the largest single-threaded chains of a train step:
+//! [`token_log_probs`] (log-softmax + gather over the vocabulary) is a custom autodiff op with its
+//! own backward, and [`adamw`] is the optimizer's update in one pass. Both paths of every function
+//! compute the same thing; the tests below hold them to each other, and the SmolLM2 parity
+//! fixtures run through the kernels.
 
-use burn::tensor::activation::silu;
+use burn::optim::AdamWState;
+use burn::tensor::activation::{log_softmax, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::module;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Tensor};
+use burn::tensor::{Bool, Int, Tensor};
 
 /// `silu(gate) * up`, element-wise.
 pub fn silu_mul<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
@@ -89,19 +93,93 @@ pub fn attention<B: Backend>(
     module::attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
 }
 
+/// Log-probability of each target token under `logits`, `log_softmax(logits)[.., target]`, and the
+/// entropy of each position's distribution (without gradient).
+///
+/// The log-softmax over a 49k vocabulary is most of a training step's single-threaded work on
+/// flex: burn makes about six passes over the `[batch, seq, vocab]` logits forward and as many
+/// backward (200 MB each for 8 x 128 tokens). With flex (plain, or under `Autodiff` as a custom op
+/// with its own backward) this is one pass over the rows in parallel forward, and one backward,
+/// `∂logp/∂logits = onehot(target) - softmax`, written over the saved logits.
+///
+/// # Shapes
+/// - `logits`: `[batch, seq, vocab]`, `targets`: `[batch, seq]`
+/// - returns `([batch, seq], [batch, seq])`
+pub fn token_log_probs<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    #[cfg(feature = "flex")]
+    let (logits, targets) = match flex::token_log_probs(logits, targets) {
+        Ok(out) => return out,
+        Err(inputs) => inputs,
+    };
+    let log_probs = log_softmax(logits, 2);
+    let logp = log_probs
+        .clone()
+        .gather(2, targets.unsqueeze_dim::<3>(2))
+        .squeeze_dim::<2>(2);
+    let log_probs = log_probs.detach();
+    let entropy = (log_probs.clone().exp() * log_probs)
+        .sum_dim(2)
+        .squeeze_dim::<2>(2)
+        .neg();
+    (logp, entropy)
+}
+
+/// AdamW's hyper-parameters for [`adamw`] (burn's `AdamWConfig` without AMSGrad and cautious
+/// weight decay).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWParams {
+    pub beta_1: f32,
+    pub beta_2: f32,
+    pub epsilon: f32,
+    pub weight_decay: f32,
+}
+
+/// The inputs of [`adamw`], handed back when there is no kernel for the backend.
+pub type AdamWInputs<B, const D: usize> = (Tensor<B, D>, Tensor<B, D>, Option<AdamWState<B, D>>);
+
+/// One AdamW step of one parameter tensor in one pass, as burn's `AdamW` computes it:
+/// `m = β1 m + (1-β1) g`, `v = β2 v + (1-β2) g²`, `p = p (1 - lr λ) - lr m̂ / (√v̂ + ε)` with the
+/// bias corrections `m̂ = m / (1-β1ᵗ)`, `v̂ = v / (1-β2ᵗ)`; the state is burn's (checkpoints do not
+/// change). burn's optimizer makes about a dozen single-threaded passes over each tensor for this
+/// (about a second per step for SmolLM2 on 2 cores); the flex kernel makes one, over the rayon pool,
+/// in place. Other backends get their inputs back (`Err`), for burn's `AdamW`.
+pub fn adamw<B: Backend, const D: usize>(
+    hyper: &AdamWParams,
+    lr: f64,
+    param: Tensor<B, D>,
+    grad: Tensor<B, D>,
+    state: Option<AdamWState<B, D>>,
+) -> Result<(Tensor<B, D>, AdamWState<B, D>), AdamWInputs<B, D>> {
+    #[cfg(feature = "flex")]
+    return flex::adamw(hyper, lr, param, grad, state);
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = (hyper, lr);
+        Err((param, grad, state))
+    }
+}
+
 /// The flex kernels: they take the generic tensors and give them back unchanged (`Err`) unless
 /// the backend is plain `Flex`.
 #[cfg(feature = "flex")]
 mod flex {
     use std::any::Any;
 
+    use burn::backend::autodiff::checkpoint::base::Checkpointer;
+    use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+    use burn::backend::autodiff::grads::Gradients;
+    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
     use burn::backend::flex::FlexTensor;
-    use burn::backend::Flex;
+    use burn::backend::{Autodiff, Flex};
+    use burn::optim::AdamWState;
     use burn::tensor::activation::silu;
     use burn::tensor::backend::Backend;
     use burn::tensor::module;
     use burn::tensor::ops::AttentionModuleOptions;
-    use burn::tensor::{Bool, DType, Tensor, TensorPrimitive};
+    use burn::tensor::{Bool, DType, Int, Tensor, TensorData, TensorPrimitive};
     use rayon::prelude::*;
 
     /// Elements per rayon task: enough work that scheduling costs little.
@@ -255,6 +333,220 @@ mod flex {
             });
         let probs = Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(s));
         Ok(back(probs.matmul(v)))
+    }
+
+    /// Per row of `vocab` logits: `(logit[target] - lse, lse, entropy)`, rows in parallel; `None`
+    /// when the logits are not a dense f32 buffer or a target is out of range.
+    fn rows_log_softmax(
+        logits: &FlexTensor,
+        targets: &[i64],
+        vocab: usize,
+    ) -> Option<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let rows = targets.len();
+        if rows == 0 || !dense_f32(logits) || logits.layout().num_elements() != rows * vocab {
+            return None;
+        }
+        if targets.iter().any(|&t| t < 0 || t as usize >= vocab) {
+            return None;
+        }
+        let x = &logits.storage::<f32>()[..rows * vocab];
+        let per_row: Vec<(f32, f32, f32)> = x
+            .par_chunks(vocab)
+            .zip(targets.par_iter())
+            .map(|(row, &t)| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let (mut z, mut zx) = (0f32, 0f32);
+                for &v in row {
+                    let e = (v - max).exp();
+                    z += e;
+                    zx += e * (v - max);
+                }
+                let lse = max + z.ln();
+                // H = lse - E[x] = ln z - E[x - max].
+                (row[t as usize] - lse, lse, z.ln() - zx / z)
+            })
+            .collect();
+        let mut out = (
+            Vec::with_capacity(rows),
+            Vec::with_capacity(rows),
+            Vec::new(),
+        );
+        out.2.reserve(rows);
+        for (lp, lse, h) in per_row {
+            out.0.push(lp);
+            out.1.push(lse);
+            out.2.push(h);
+        }
+        Some(out)
+    }
+
+    fn targets_of<B2: Backend>(t: Tensor<B2, 2, Int>) -> Vec<i64> {
+        t.into_data()
+            .convert::<i64>()
+            .to_vec::<i64>()
+            .expect("int targets")
+    }
+
+    /// The backward of [`token_log_probs`] under `Autodiff<Flex>`: `g (onehot(target) -
+    /// softmax)` per row, written over the logits saved by the forward pass.
+    #[derive(Debug)]
+    struct TokenLogProbsBackward;
+
+    impl Backward<Flex, 1> for TokenLogProbsBackward {
+        /// The logits, each row's log-sum-exp, and the targets.
+        type State = (FlexTensor, Vec<f32>, Vec<i64>);
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let [parent] = ops.parents;
+            let g = grads.consume::<Flex>(&ops.node);
+            let Some(parent) = parent else { return };
+            let (mut logits, lse, targets) = ops.state;
+            let g = if dense_f32(&g) { g } else { g.to_contiguous() };
+            let g = &g.storage::<f32>()[..targets.len()];
+            let vocab = logits.layout().num_elements() / targets.len();
+            // In place when the saved logits are not shared (they are not, once the forward's
+            // caller has dropped them); a copy otherwise.
+            logits.storage_mut::<f32>()[..targets.len() * vocab]
+                .par_chunks_mut(vocab)
+                .zip(g.par_iter().zip(&lse).zip(&targets))
+                .for_each(|(row, ((&g, &lse), &t))| {
+                    for v in row.iter_mut() {
+                        *v = -g * (*v - lse).exp();
+                    }
+                    row[t as usize] += g;
+                });
+            grads.register::<Flex>(parent.id, logits);
+        }
+    }
+
+    type TokenLogProbs<B> = (Tensor<B, 2>, Tensor<B, 2>);
+    type LogitsAndTargets<B> = (Tensor<B, 3>, Tensor<B, 2, Int>);
+
+    pub fn token_log_probs<B: Backend>(
+        logits: Tensor<B, 3>,
+        targets: Tensor<B, 2, Int>,
+    ) -> Result<TokenLogProbs<B>, LogitsAndTargets<B>> {
+        let [b, s, vocab] = logits.dims();
+        let two_d = |v: Vec<f32>| TensorData::new(v, [b, s]);
+        // Plain flex: inference (old and reference log-probs).
+        let logits = match cast::<_, Tensor<Flex, 3>>(logits) {
+            Ok(l) => {
+                let t: Tensor<Flex, 2, Int> = cast(targets).unwrap_or_else(|_| unreachable!());
+                let prim = l.clone().into_primitive().tensor();
+                let tg = targets_of(t.clone());
+                return match rows_log_softmax(&prim, &tg, vocab) {
+                    Some((lp, _, h)) => {
+                        let dev = l.device();
+                        Ok((
+                            back(Tensor::<Flex, 2>::from_data(two_d(lp), &dev)),
+                            back(Tensor::<Flex, 2>::from_data(two_d(h), &dev)),
+                        ))
+                    }
+                    None => Err((back(l), back(t))),
+                };
+            }
+            Err(l) => l,
+        };
+        // Autodiff<Flex>: training.
+        type AD = Autodiff<Flex>;
+        let l = match cast::<_, Tensor<AD, 3>>(logits) {
+            Ok(l) => l,
+            Err(l) => return Err((l, targets)),
+        };
+        let t: Tensor<AD, 2, Int> = cast(targets).unwrap_or_else(|_| unreachable!());
+        let tg = targets_of(t.clone());
+        let ad = l.into_primitive().tensor();
+        let Some((lp, lse, h)) = rows_log_softmax(&ad.primitive, &tg, vocab) else {
+            let l = Tensor::<AD, 3>::from_primitive(TensorPrimitive::Float(ad));
+            return Err((back(l), back(t)));
+        };
+        let out = Tensor::<Flex, 2>::from_data(two_d(lp), &Default::default())
+            .into_primitive()
+            .tensor();
+        let logp = match TokenLogProbsBackward
+            .prepare::<NoCheckpointing>([ad.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((ad.primitive, lse, tg), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        let logp = Tensor::<AD, 2>::from_primitive(TensorPrimitive::Float(logp));
+        let entropy = Tensor::<AD, 2>::from_data(two_d(h), &Default::default());
+        Ok((back(logp), back(entropy)))
+    }
+
+    pub fn adamw<B: Backend, const D: usize>(
+        h: &super::AdamWParams,
+        lr: f64,
+        param: Tensor<B, D>,
+        grad: Tensor<B, D>,
+        state: Option<AdamWState<B, D>>,
+    ) -> Result<(Tensor<B, D>, AdamWState<B, D>), super::AdamWInputs<B, D>> {
+        let (param, grad) = match cast2::<_, Tensor<Flex, D>>(param, grad) {
+            Ok(pg) => pg,
+            Err((p, g)) => return Err((p, g, state)),
+        };
+        let state: Option<AdamWState<Flex, D>> = match cast(state) {
+            Ok(s) => s,
+            Err(s) => return Err((back(param), back(grad), s)),
+        };
+        let same = |t: &Tensor<Flex, D>| {
+            let p = t.clone().into_primitive().tensor();
+            dense_f32(&p) && t.shape() == param.shape()
+        };
+        let fits = same(&grad)
+            && same(&param)
+            && state.as_ref().is_none_or(|s| {
+                let m = &s.momentum;
+                m.max_moment_2.is_none() && same(&m.moment_1) && same(&m.moment_2)
+            });
+        if !fits {
+            return Err((back(param), back(grad), back(state)));
+        }
+        let dev = param.device();
+        let (time, m, v) = match state {
+            Some(s) => (
+                s.momentum.time + 1,
+                s.momentum.moment_1,
+                s.momentum.moment_2,
+            ),
+            None => (
+                1,
+                Tensor::zeros(param.shape(), &dev),
+                Tensor::zeros(param.shape(), &dev),
+            ),
+        };
+        let (mut p, g) = (
+            param.into_primitive().tensor(),
+            grad.into_primitive().tensor(),
+        );
+        let (mut m, mut v) = (m.into_primitive().tensor(), v.into_primitive().tensor());
+        let n = p.layout().num_elements();
+        // The scalars as burn's AdamW rounds them.
+        let (b1, b2, eps) = (h.beta_1, h.beta_2, h.epsilon);
+        let (f1, f2) = (1.0 - b1, 1.0 - b2);
+        let (c1, c2) = (1.0 - b1.powi(time as i32), 1.0 - b2.powi(time as i32));
+        let decay = lr * h.weight_decay as f64;
+        let keep = (1.0 - decay) as f32;
+        let lr = lr as f32;
+        p.storage_mut::<f32>()[..n]
+            .par_chunks_mut(CHUNK)
+            .zip(m.storage_mut::<f32>()[..n].par_chunks_mut(CHUNK))
+            .zip(v.storage_mut::<f32>()[..n].par_chunks_mut(CHUNK))
+            .zip(g.storage::<f32>()[..n].par_chunks(CHUNK))
+            .for_each(|(((p, m), v), g)| {
+                for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
+                    *m = *m * b1 + g * f1;
+                    *v = *v * b2 + (g * g) * f2;
+                    let delta = (*m / c1) / ((*v / c2).sqrt() + eps);
+                    let decayed = if decay == 0.0 { *p } else { *p * keep };
+                    *p = decayed - delta * lr;
+                }
+            });
+        let f = |t| Tensor::<Flex, D>::from_primitive(TensorPrimitive::Float(t));
+        let state = AdamWState::new(burn::optim::AdaptiveMomentumState::new(time, f(m), f(v)));
+        Ok((back(f(p)), back(state)))
     }
 
     /// `row = softmax(row * scale)` over the entries where `masked` is 0; masked entries get 0.
@@ -574,5 +866,98 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The one-pass AdamW against burn's `AdamW` over a few steps, with weight decay: the same
+    /// parameters and state (up to rounding: flex may divide by a scalar as a product).
+    #[test]
+    fn adamw_matches_burns_adamw() {
+        use burn::optim::{AdamWConfig, SimpleOptimizer};
+        type AD = burn::backend::Autodiff<B>;
+        let dev = Default::default();
+        let hyper = AdamWParams {
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: 1e-8,
+            weight_decay: 0.1,
+        };
+        let reference = AdamWConfig::new()
+            .with_beta_1(hyper.beta_1)
+            .with_beta_2(hyper.beta_2)
+            .with_epsilon(hyper.epsilon)
+            .with_weight_decay(hyper.weight_decay)
+            .init::<AD, burn::nn::Linear<AD>>()
+            .optim()
+            .clone();
+        // More elements than one rayon chunk, and not a multiple of it.
+        let p0 = Tensor::<B, 2>::random([37, 1001], Distribution::Normal(0.0, 1.0), &dev);
+        let (mut p_ref, mut s_ref) = (p0.clone(), None);
+        let (mut p_new, mut s_new) = (p0.clone(), None);
+        for step in 0..4 {
+            let g = Tensor::<B, 2>::random([37, 1001], Distribution::Normal(0.0, 0.01), &dev);
+            let lr = 1e-2 * (step + 1) as f64;
+            let (p, s) = reference.step(lr, p_ref, g.clone(), s_ref);
+            (p_ref, s_ref) = (p, s);
+            let (p, s) = adamw(&hyper, lr, p_new, g, s_new)
+                .unwrap_or_else(|_| panic!("flex has the kernel"));
+            (p_new, s_new) = (p, Some(s));
+            let (r, n) = (s_ref.as_ref().unwrap(), s_new.as_ref().unwrap());
+            assert_eq!(r.momentum.time, n.momentum.time);
+            let dm = max_diff(r.momentum.moment_1.clone(), n.momentum.moment_1.clone());
+            let dv = max_diff(r.momentum.moment_2.clone(), n.momentum.moment_2.clone());
+            let dp = max_diff(p_ref.clone(), p_new.clone());
+            assert!(
+                dm < 1e-9 && dv < 1e-11 && dp < 1e-6,
+                "step {step}: m {dm} v {dv} p {dp}"
+            );
+        }
+        // The parameters did move (Adam's steps are about lr each).
+        let moved = max_diff(p_new, p0);
+        assert!(moved > 0.05, "moved {moved}");
+    }
+
+    /// The fused log-prob op against burn's `log_softmax` + `gather`: values and entropy on plain
+    /// flex, and the gradient of a weighted sum of the log-probs under `Autodiff<Flex>`.
+    #[test]
+    fn token_log_probs_and_their_gradient_match_the_tensor_ops() {
+        type AD = burn::backend::Autodiff<B>;
+        let dev = Default::default();
+        let (b, s, vocab) = (2, 3, 1000);
+        let logits = Tensor::<B, 3>::random([b, s, vocab], Distribution::Normal(0.0, 3.0), &dev);
+        let ids = TensorData::new(vec![0i64, 999, 5, 17, 999, 0], [b, s]);
+        let targets = Tensor::<B, 2, Int>::from_data(ids.clone(), &dev);
+        let reference = |l: Tensor<B, 3>| {
+            let lp = log_softmax(l, 2);
+            let h = (lp.clone().exp() * lp.clone())
+                .sum_dim(2)
+                .squeeze_dim::<2>(2)
+                .neg();
+            let g = lp
+                .gather(2, targets.clone().unsqueeze_dim::<3>(2))
+                .squeeze_dim::<2>(2);
+            (g, h)
+        };
+        let (lp, h) = token_log_probs(logits.clone(), targets.clone());
+        let (lp_ref, h_ref) = reference(logits.clone());
+        assert!(max_diff(lp, lp_ref) < 1e-5);
+        assert!(max_diff(h, h_ref) < 1e-4);
+
+        // Gradient of sum(w * logp) with respect to the logits.
+        let w = Tensor::<AD, 2>::random([b, s], Distribution::Normal(0.0, 1.0), &dev);
+        let grad_of = |fused: bool| {
+            let l = Tensor::<AD, 3>::from_inner(logits.clone()).require_grad();
+            let t = Tensor::<AD, 2, Int>::from_data(ids.clone(), &dev);
+            let lp = if fused {
+                token_log_probs(l.clone(), t).0
+            } else {
+                log_softmax(l.clone(), 2)
+                    .gather(2, t.unsqueeze_dim::<3>(2))
+                    .squeeze_dim::<2>(2)
+            };
+            let grads = (lp * w.clone()).sum().backward();
+            l.grad(&grads).expect("logits get a gradient")
+        };
+        let (got, want) = (grad_of(true), grad_of(false));
+        assert!(max_diff(got, want) < 1e-6);
     }
 }

@@ -17,6 +17,7 @@
 pub mod advantage;
 pub mod config;
 pub mod demo;
+pub mod optim;
 pub mod overopt;
 pub mod plots;
 pub mod policy_loss;

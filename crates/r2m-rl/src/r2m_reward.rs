@@ -11,7 +11,7 @@
 
 use burn::module::{AutodiffModule, Module, Param};
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, Optimizer};
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, ElementConversion, Tensor, TensorData};
@@ -24,6 +24,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::config::{R2mConfig, RmMethod};
+use crate::optim::{adamw, AdamW};
 use crate::reward_fn::{LearnedRm, RolloutReward};
 use crate::reward_training::{int_tensor, pad_tokens};
 use crate::rollout::Rollout;
@@ -122,12 +123,7 @@ impl<B: AutodiffBackend> R2mReward<B> {
                 .as_ref()
                 .map(|b| Param::from_tensor(Tensor::from_inner(b.val()))),
         };
-        let optim = AdamWConfig::new()
-            .with_beta_1(0.9)
-            .with_beta_2(0.999)
-            .with_epsilon(1e-8)
-            .with_weight_decay(0.0)
-            .init::<B, R2mHead<B>>();
+        let optim = adamw::<B, R2mHead<B>>(0.0);
         Self {
             noise_draws: 0,
             cfg,
@@ -197,7 +193,7 @@ impl<B: AutodiffBackend> R2mReward<B> {
         let opt = dir.join("r2m_optim");
         let record = Recorder::<B>::load(&rec, opt.clone(), &dev)
             .map_err(|e| Self::recorder_err(&opt, e))?;
-        let fresh = AdamWConfig::new().init::<B, R2mHead<B>>();
+        let fresh = adamw::<B, R2mHead<B>>(0.0);
         self.optim = std::mem::replace(&mut self.optim, fresh).load_record(record);
         self.updates = info.updates;
         self.noise_draws = info.noise_draws;

@@ -12,7 +12,7 @@ use std::str::FromStr;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ElementConversion;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -666,12 +666,7 @@ pub fn train_reward_model<B: AutodiffBackend>(
         .collect();
     let total_steps: usize = steps_per_epoch.iter().sum();
     let warmup = ((total_steps as f64) * cfg.warmup_ratio).round() as usize;
-    let mut optim = AdamWConfig::new()
-        .with_beta_1(0.9)
-        .with_beta_2(0.999)
-        .with_epsilon(1e-8)
-        .with_weight_decay(cfg.weight_decay as f32)
-        .init::<B, RewardModel<B>>();
+    let mut optim = crate::optim::adamw::<B, RewardModel<B>>(cfg.weight_decay);
 
     let metrics_path = out.dir.join("metrics.jsonl");
     let mut metrics =

@@ -15,8 +15,9 @@
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use r2m_core::tensor::gather_log_probs;
-use r2m_models::{CausalLm, Generation, Padding};
+use r2m_models::{fused, CausalLm, Generation, Padding};
 
+use crate::policy_loss::entropy;
 use crate::reward_fn::{Prompt, RewardInput};
 
 /// Sampled responses with everything the update needs.
@@ -282,34 +283,36 @@ pub fn response_hidden<B: Backend>(
     hidden.narrow(1, prompt_cols - 1 - s.lo, s.hi - prompt_cols)
 }
 
-/// Log-softmax of `logits / temperature` over the vocabulary and the log-prob of each target.
+/// The log-prob of each target under `softmax(logits / temperature)`, and each position's entropy.
+///
+/// The entropy has a gradient only with `entropy_grad` (an entropy bonus in the loss); otherwise
+/// both come from [`r2m_models::fused::token_log_probs`], which on the CPU backend never builds
+/// the `[rows, r, vocab]` log-softmax (the entropy is then a metric, without gradient).
 ///
 /// # Shapes
-/// - `response_hidden`: `[rows, r, hidden]`, `targets`: `[rows, r]` -> `([rows, r, vocab], [rows, r])`
+/// - `response_hidden`: `[rows, r, hidden]`, `targets`: `[rows, r]` -> `([rows, r], [rows, r])`
 pub fn response_logprobs<B: Backend>(
     model: &CausalLm<B>,
     response_hidden: Tensor<B, 3>,
     targets: Tensor<B, 2, Int>,
     temperature: f32,
-) -> (Tensor<B, 3>, Tensor<B, 2>) {
+    entropy_grad: bool,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
     let logits = model.lm_head(response_hidden);
     let logits = if temperature != 1.0 {
         logits.div_scalar(temperature)
     } else {
         logits
     };
+    if !entropy_grad {
+        return fused::token_log_probs(logits, targets);
+    }
     let log_probs = log_softmax(logits, 2);
-    let logp = gather_log_probs_from_log_softmax(log_probs.clone(), targets);
-    (log_probs, logp)
-}
-
-fn gather_log_probs_from_log_softmax<B: Backend>(
-    log_probs: Tensor<B, 3>,
-    targets: Tensor<B, 2, Int>,
-) -> Tensor<B, 2> {
-    log_probs
+    let logp = log_probs
+        .clone()
         .gather(2, targets.unsqueeze_dim::<3>(2))
-        .squeeze_dim::<2>(2)
+        .squeeze_dim::<2>(2);
+    (logp, entropy(log_probs))
 }
 
 /// Log-probs of the response tokens of `rows` under `model` from token ids (the whole model),

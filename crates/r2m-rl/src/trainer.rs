@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use burn::module::{AutodiffModule, Module};
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
@@ -20,8 +20,9 @@ use serde::Serialize;
 
 use crate::advantage::{self, AdvantageKind};
 use crate::config::RlConfig;
+use crate::optim::{adamw, AdamW};
 use crate::policy_loss::{
-    aggregate, clipped_surrogate, entropy, kl_estimate, kl_estimate_host, Clip, KlMode, LossAgg,
+    aggregate, clipped_surrogate, kl_estimate, kl_estimate_host, Clip, KlMode, LossAgg,
 };
 use crate::r2m_reward::RmUpdateStats;
 use crate::reward_fn::{Prompt, RolloutReward};
@@ -103,14 +104,6 @@ pub struct RlTrainer<B: AutodiffBackend> {
     pad: u32,
 }
 
-fn adamw(weight_decay: f64) -> AdamWConfig {
-    AdamWConfig::new()
-        .with_beta_1(0.9)
-        .with_beta_2(0.999)
-        .with_epsilon(1e-8)
-        .with_weight_decay(weight_decay as f32)
-}
-
 fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec().expect("f32")
 }
@@ -156,9 +149,7 @@ impl<B: AutodiffBackend> RlTrainer<B> {
             c.score.weight = c.score.weight.map(|w| w.zeros_like());
             c
         });
-        let critic_optim = critic
-            .as_ref()
-            .map(|_| adamw(0.0).init::<B, RewardModel<B>>());
+        let critic_optim = critic.as_ref().map(|_| adamw::<B, RewardModel<B>>(0.0));
         let mut eos: Vec<u32> = policy.config.eos_token_id.into_iter().collect();
         if let Some(t) = tokenizer.as_ref().and_then(Tokenizer::eos_id) {
             if !eos.contains(&t) {
@@ -168,7 +159,7 @@ impl<B: AutodiffBackend> RlTrainer<B> {
         let pad = eos.first().copied().unwrap_or(0);
         Ok(Self {
             kl_coef: cfg.algo.kl_coef,
-            optim: adamw(cfg.optim.weight_decay).init::<B, CausalLm<B>>(),
+            optim: adamw::<B, CausalLm<B>>(cfg.optim.weight_decay),
             cfg,
             policy,
             reference,
@@ -263,19 +254,21 @@ impl<B: AutodiffBackend> RlTrainer<B> {
                 None => final_hidden(m, Start::Tokens(ids.clone()), &padding),
             };
             let h = start(old);
-            let (_, lp) = response_logprobs(
+            let (lp, _) = response_logprobs(
                 old,
                 response_hidden(h.clone(), &s, rollout.prompt_cols),
                 targets.clone(),
                 temp,
+                false,
             );
             old_lp.extend(rollout.split_rows(&s, &to_vec(lp)));
             let h_ref = start(&self.reference);
-            let (_, lp) = response_logprobs(
+            let (lp, _) = response_logprobs(
                 &self.reference,
                 response_hidden(h_ref, &s, rollout.prompt_cols),
                 targets,
                 temp,
+                false,
             );
             ref_lp.extend(rollout.split_rows(&s, &to_vec(lp)));
             if let Some(c) = &critic {
@@ -477,11 +470,12 @@ impl<B: AutodiffBackend> RlTrainer<B> {
                         fresh.push((s.clone(), full.clone().detach().inner()));
                     }
                     let hidden = response_hidden(full, &s, rollout.prompt_cols);
-                    let (log_probs, logp) = response_logprobs(
+                    let (logp, ent) = response_logprobs(
                         &self.policy,
                         hidden,
                         rollout.targets::<B>(&s, &dev),
                         temp,
+                        a.entropy_coef != 0.0,
                     );
                     let (pg, clipped) = clipped_surrogate(logp.clone(), old, advt, clip);
                     let agg = |v: Tensor<B, 2>| {
@@ -498,11 +492,10 @@ impl<B: AutodiffBackend> RlTrainer<B> {
                         loss = loss + agg(kl.clone()).mul_scalar(beta);
                     }
                     let ent = if a.entropy_coef != 0.0 {
-                        let e = entropy(log_probs);
-                        loss = loss - agg(e.clone()).mul_scalar(a.entropy_coef as f32);
-                        e.detach()
+                        loss = loss - agg(ent.clone()).mul_scalar(a.entropy_coef as f32);
+                        ent.detach()
                     } else {
-                        entropy(log_probs.detach())
+                        ent
                     };
                     let loss_v = scalar(loss.clone());
                     if !loss_v.is_finite() {
@@ -630,13 +623,13 @@ impl<B: AutodiffBackend> RlTrainer<B> {
         let policy = load_record::<B, _>(&rec, dir, "policy", &dev)?;
         self.policy = self.policy.clone().load_record(policy);
         let optim = load_record::<B, _>(&rec, dir, "policy_optim", &dev)?;
-        let fresh = adamw(self.cfg.optim.weight_decay).init::<B, CausalLm<B>>();
+        let fresh = adamw::<B, CausalLm<B>>(self.cfg.optim.weight_decay);
         self.optim = std::mem::replace(&mut self.optim, fresh).load_record(optim);
         if let Some(c) = self.critic.take() {
             let record = load_record::<B, _>(&rec, dir, "critic", &dev)?;
             self.critic = Some(c.load_record(record));
             let record = load_record::<B, _>(&rec, dir, "critic_optim", &dev)?;
-            let fresh = adamw(0.0).init::<B, RewardModel<B>>();
+            let fresh = adamw::<B, RewardModel<B>>(0.0);
             let old = self.critic_optim.take().unwrap_or(fresh);
             self.critic_optim = Some(old.load_record(record));
         }
