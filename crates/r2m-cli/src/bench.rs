@@ -292,7 +292,6 @@ fn bench_train<B: Backend>(a: &BenchArgs, device: &B::Device) -> Result<Vec<f64>
         };
         let h = final_hidden(&m, from, &padding);
         let loss = fused::token_log_probs(m.lm_head(h), targets.clone())
-            .0
             .mean()
             .neg();
         let grads = GradientsParams::from_grads(loss.backward(), &m);

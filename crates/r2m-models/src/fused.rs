@@ -93,8 +93,7 @@ pub fn attention<B: Backend>(
     module::attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
 }
 
-/// Log-probability of each target token under `logits`, `log_softmax(logits)[.., target]`, and the
-/// entropy of each position's distribution (without gradient).
+/// Log-probability of each target token under `logits`, `log_softmax(logits)[.., target]`.
 ///
 /// The log-softmax over a 49k vocabulary is most of a training step's single-threaded work on
 /// flex: burn makes about six passes over the `[batch, seq, vocab]` logits forward and as many
@@ -104,14 +103,32 @@ pub fn attention<B: Backend>(
 ///
 /// # Shapes
 /// - `logits`: `[batch, seq, vocab]`, `targets`: `[batch, seq]`
-/// - returns `([batch, seq], [batch, seq])`
+/// - returns `[batch, seq]`
 pub fn token_log_probs<B: Backend>(
     logits: Tensor<B, 3>,
     targets: Tensor<B, 2, Int>,
+) -> Tensor<B, 2> {
+    log_probs_and_entropy(logits, targets, false).0
+}
+
+/// [`token_log_probs`] and the entropy of each position's distribution (without gradient): on flex
+/// the same pass computes both.
+pub fn token_log_probs_with_entropy<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
 ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let (logp, entropy) = log_probs_and_entropy(logits, targets, true);
+    (logp, entropy.expect("asked for"))
+}
+
+fn log_probs_and_entropy<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+    with_entropy: bool,
+) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
     #[cfg(feature = "flex")]
     let (logits, targets) = match flex::token_log_probs(logits, targets) {
-        Ok(out) => return out,
+        Ok((logp, entropy)) => return (logp, Some(entropy)),
         Err(inputs) => inputs,
     };
     let log_probs = log_softmax(logits, 2);
@@ -119,11 +136,13 @@ pub fn token_log_probs<B: Backend>(
         .clone()
         .gather(2, targets.unsqueeze_dim::<3>(2))
         .squeeze_dim::<2>(2);
-    let log_probs = log_probs.detach();
-    let entropy = (log_probs.clone().exp() * log_probs)
-        .sum_dim(2)
-        .squeeze_dim::<2>(2)
-        .neg();
+    let entropy = with_entropy.then(|| {
+        let log_probs = log_probs.detach();
+        (log_probs.clone().exp() * log_probs)
+            .sum_dim(2)
+            .squeeze_dim::<2>(2)
+            .neg()
+    });
     (logp, entropy)
 }
 
@@ -937,7 +956,7 @@ mod tests {
                 .squeeze_dim::<2>(2);
             (g, h)
         };
-        let (lp, h) = token_log_probs(logits.clone(), targets.clone());
+        let (lp, h) = token_log_probs_with_entropy(logits.clone(), targets.clone());
         let (lp_ref, h_ref) = reference(logits.clone());
         assert!(max_diff(lp, lp_ref) < 1e-5);
         assert!(max_diff(h, h_ref) < 1e-4);
@@ -948,7 +967,7 @@ mod tests {
             let l = Tensor::<AD, 3>::from_inner(logits.clone()).require_grad();
             let t = Tensor::<AD, 2, Int>::from_data(ids.clone(), &dev);
             let lp = if fused {
-                token_log_probs(l.clone(), t).0
+                token_log_probs(l.clone(), t)
             } else {
                 log_softmax(l.clone(), 2)
                     .gather(2, t.unsqueeze_dim::<3>(2))

@@ -286,8 +286,8 @@ pub fn response_hidden<B: Backend>(
 /// The log-prob of each target under `softmax(logits / temperature)`, and each position's entropy.
 ///
 /// The entropy has a gradient only with `entropy_grad` (an entropy bonus in the loss); otherwise
-/// both come from [`r2m_models::fused::token_log_probs`], which on the CPU backend never builds
-/// the `[rows, r, vocab]` log-softmax (the entropy is then a metric, without gradient).
+/// both come from [`r2m_models::fused::token_log_probs_with_entropy`], which on the CPU backend
+/// never builds the `[rows, r, vocab]` log-softmax (the entropy is then a metric, no gradient).
 ///
 /// # Shapes
 /// - `response_hidden`: `[rows, r, hidden]`, `targets`: `[rows, r]` -> `([rows, r], [rows, r])`
@@ -305,7 +305,7 @@ pub fn response_logprobs<B: Backend>(
         logits
     };
     if !entropy_grad {
-        return fused::token_log_probs(logits, targets);
+        return fused::token_log_probs_with_entropy(logits, targets);
     }
     let log_probs = log_softmax(logits, 2);
     let logp = log_probs
