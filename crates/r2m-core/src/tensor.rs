@@ -22,10 +22,31 @@ pub fn gather_log_probs<B: Backend>(
     logits: Tensor<B, 3>,
     targets: Tensor<B, 2, Int>,
 ) -> Tensor<B, 2> {
-    let log_probs = log_softmax(logits, 2);
+    pick_targets(log_softmax(logits, 2), targets)
+}
+
+/// The entry of each `target` token in a row of `log_probs` (a log-softmax over the vocabulary).
+///
+/// # Shapes
+/// - `log_probs`: `[batch, seq, vocab]`, `targets`: `[batch, seq]` -> `[batch, seq]`
+pub fn pick_targets<B: Backend>(
+    log_probs: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+) -> Tensor<B, 2> {
     log_probs
         .gather(2, targets.unsqueeze_dim::<3>(2))
         .squeeze_dim::<2>(2)
+}
+
+/// Entropy of each position's distribution from its log-probabilities.
+///
+/// # Shapes
+/// - `log_probs`: `[batch, seq, vocab]` -> `[batch, seq]`
+pub fn entropy<B: Backend>(log_probs: Tensor<B, 3>) -> Tensor<B, 2> {
+    (log_probs.clone().exp() * log_probs)
+        .sum_dim(2)
+        .squeeze_dim::<2>(2)
+        .neg()
 }
 
 #[cfg(test)]

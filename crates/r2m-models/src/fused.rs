@@ -25,6 +25,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Int, Tensor};
+use r2m_core::tensor::{entropy, pick_targets};
 
 /// `silu(gate) * up`, element-wise.
 pub fn silu_mul<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
@@ -132,18 +133,8 @@ fn log_probs_and_entropy<B: Backend>(
         Err(inputs) => inputs,
     };
     let log_probs = log_softmax(logits, 2);
-    let logp = log_probs
-        .clone()
-        .gather(2, targets.unsqueeze_dim::<3>(2))
-        .squeeze_dim::<2>(2);
-    let entropy = with_entropy.then(|| {
-        let log_probs = log_probs.detach();
-        (log_probs.clone().exp() * log_probs)
-            .sum_dim(2)
-            .squeeze_dim::<2>(2)
-            .neg()
-    });
-    (logp, entropy)
+    let entropy = with_entropy.then(|| entropy(log_probs.clone().detach()));
+    (pick_targets(log_probs, targets), entropy)
 }
 
 /// AdamW's hyper-parameters for [`adamw`] (burn's `AdamWConfig` without AMSGrad and cautious
@@ -369,7 +360,7 @@ mod flex {
             return None;
         }
         let x = &logits.storage::<f32>()[..rows * vocab];
-        let per_row: Vec<(f32, f32, f32)> = x
+        let per_row: Vec<(f32, (f32, f32))> = x
             .par_chunks(vocab)
             .zip(targets.par_iter())
             .map(|(row, &t)| {
@@ -382,21 +373,12 @@ mod flex {
                 }
                 let lse = max + z.ln();
                 // H = lse - E[x] = ln z - E[x - max].
-                (row[t as usize] - lse, lse, z.ln() - zx / z)
+                (row[t as usize] - lse, (lse, z.ln() - zx / z))
             })
             .collect();
-        let mut out = (
-            Vec::with_capacity(rows),
-            Vec::with_capacity(rows),
-            Vec::new(),
-        );
-        out.2.reserve(rows);
-        for (lp, lse, h) in per_row {
-            out.0.push(lp);
-            out.1.push(lse);
-            out.2.push(h);
-        }
-        Some(out)
+        let (lp, rest): (Vec<f32>, Vec<(f32, f32)>) = per_row.into_iter().unzip();
+        let (lse, h) = rest.into_iter().unzip();
+        Some((lp, lse, h))
     }
 
     fn targets_of<B2: Backend>(t: Tensor<B2, 2, Int>) -> Vec<i64> {

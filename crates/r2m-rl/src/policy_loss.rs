@@ -125,16 +125,7 @@ pub fn clipped_surrogate<B: Backend>(
     (loss, was_clipped)
 }
 
-/// Entropy of each position's distribution from its log-probabilities.
-///
-/// # Shapes
-/// - `log_probs`: `[batch, seq, vocab]` -> `[batch, seq]`
-pub fn entropy<B: Backend>(log_probs: Tensor<B, 3>) -> Tensor<B, 2> {
-    (log_probs.clone().exp() * log_probs)
-        .sum_dim(2)
-        .squeeze_dim::<2>(2)
-        .neg()
-}
+pub use r2m_core::tensor::entropy;
 
 /// Aggregate per-token `values` of a micro-batch so that summing over the micro-batches of a
 /// mini-batch gives the mini-batch's aggregate.

@@ -14,10 +14,9 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use r2m_core::tensor::gather_log_probs;
+use r2m_core::tensor::{entropy, gather_log_probs, pick_targets};
 use r2m_models::{fused, CausalLm, Generation, Padding};
 
-use crate::policy_loss::entropy;
 use crate::reward_fn::{Prompt, RewardInput};
 
 /// Sampled responses with everything the update needs.
@@ -308,11 +307,7 @@ pub fn response_logprobs<B: Backend>(
         return fused::token_log_probs_with_entropy(logits, targets);
     }
     let log_probs = log_softmax(logits, 2);
-    let logp = log_probs
-        .clone()
-        .gather(2, targets.unsqueeze_dim::<3>(2))
-        .squeeze_dim::<2>(2);
-    (logp, entropy(log_probs))
+    (pick_targets(log_probs.clone(), targets), entropy(log_probs))
 }
 
 /// Log-probs of the response tokens of `rows` under `model` from token ids (the whole model),
