@@ -31,8 +31,8 @@ pub enum Scenario {
     Generate,
     /// One MLP-sized GEMM, `[batch*seq, hidden] x [hidden, intermediate]` (GFLOP/s calibration).
     Gemm,
-    /// RL steps of the `--config` run, vanilla and R2M alternating on the same prompts: per-step
-    /// time split and the R2M / vanilla ratio.
+    /// RL steps of the `--config` run, vanilla and R2M alternating on the same prompts, every
+    /// response `max_new_tokens` long: per-step time split and the R2M / vanilla ratio.
     RlStep,
     /// Correctness on this backend, to run before timing it: the tiny fixtures' logits against
     /// PyTorch (`--fixtures`), KV-cache decoding against the full forward pass, sampling on the
@@ -80,6 +80,10 @@ pub struct BenchArgs {
     /// H100/H200); when given, MFU is reported.
     #[arg(long)]
     peak_tflops: Option<f64>,
+    /// `train`: wait for the device after each phase (body forward, LM head + log-probs, backward,
+    /// optimizer) and report each phase's median time; the step time then includes the waits.
+    #[arg(long)]
+    split: bool,
     /// `check`: the folder of PyTorch fixtures (the repository's `tests/fixtures`).
     #[arg(long, default_value = "tests/fixtures")]
     fixtures: std::path::PathBuf,
@@ -126,6 +130,7 @@ impl BackendTask for BenchTask {
         let tokens_per_iter = (a.batch * a.seq) as f64;
         for scenario in &a.scenarios {
             let mut times = Vec::new();
+            let mut split: Option<Vec<(&str, f64)>> = None;
             match scenario {
                 Scenario::RlStep => {
                     rl_step::<B>(&a, &device, backend)?;
@@ -203,7 +208,9 @@ impl BackendTask for BenchTask {
                     continue;
                 }
                 Scenario::Train => {
-                    times = bench_train::<B>(&a, &device)?;
+                    let phases;
+                    (times, phases) = bench_train::<B>(&a, &device)?;
+                    split = phases;
                 }
             }
             let secs = median(times);
@@ -240,21 +247,40 @@ impl BackendTask for BenchTask {
                 mfu.map(|m| format!(" MFU {:.1}%", 100.0 * m)).unwrap_or_default(),
                 peak.unwrap_or(f64::NAN)
             );
+            if let Some(phases) = &split {
+                let line: Vec<String> = phases
+                    .iter()
+                    .map(|(phase, s)| format!("{phase} {:.1} ms", s * 1e3))
+                    .collect();
+                println!("    split (median): {}", line.join(" | "));
+            }
+            let split_ms = split.map(|p| {
+                p.into_iter()
+                    .map(|(phase, s)| (phase.to_string(), serde_json::json!(s * 1e3)))
+                    .collect::<serde_json::Map<_, _>>()
+            });
             println!(
                 "{}",
                 serde_json::json!({"impl": "r2m", "backend": backend, "scenario": name, "batch": a.batch,
                     "seq": a.seq, "train_top": top, "ms_per_iter": secs * 1e3, "tokens_per_s": tps,
-                    "tflops": train_flops.map(|f| f / 1e12), "mfu": mfu, "peak_rss_mib": peak})
+                    "tflops": train_flops.map(|f| f / 1e12), "mfu": mfu, "peak_rss_mib": peak,
+                    "split_ms": split_ms})
             );
         }
         Ok(())
     }
 }
 
+/// The phases of one training step, as `--split` reports them.
+const TRAIN_PHASES: [&str; 4] = ["body forward", "head forward", "backward", "optimizer"];
+
+/// Seconds of each timed step, and with `--split` the median seconds of each phase.
+type TrainTimes = (Vec<f64>, Option<Vec<(&'static str, f64)>>);
+
 /// Forward + backward + AdamW on `batch x seq` random tokens; the seconds of each timed step.
 /// With `--train-top N`, the frozen lower blocks run on the inner backend (no autodiff graph) and
 /// only the top N blocks train, as the RL trainer does.
-fn bench_train<B: Backend>(a: &BenchArgs, device: &B::Device) -> Result<Vec<f64>> {
+fn bench_train<B: Backend>(a: &BenchArgs, device: &B::Device) -> Result<TrainTimes> {
     let mut m: CausalLm<Autodiff<B>> = load_model::<Autodiff<B>>(&a.model, device)?.model;
     let n_layers = m.layers.len();
     let start = match a.train_top {
@@ -279,8 +305,22 @@ fn bench_train<B: Backend>(a: &BenchArgs, device: &B::Device) -> Result<Vec<f64>
     );
     let padding = Padding::none(a.batch, a.seq);
     let mut times = Vec::new();
+    let mut phase_times = vec![Vec::new(); TRAIN_PHASES.len()];
+    // With `--split`: wait for the device and note the time since the last mark.
+    let mut mark = |phase: usize, since: &mut Instant, timed: bool| -> Result<()> {
+        if a.split {
+            B::sync(device)
+                .map_err(|e| r2m_core::R2mError::Other(format!("waiting for the device: {e:?}")))?;
+            if timed {
+                phase_times[phase].push(since.elapsed().as_secs_f64());
+            }
+            *since = Instant::now();
+        }
+        Ok(())
+    };
     for i in 0..=a.iters {
         let t0 = Instant::now();
+        let mut since = t0;
         // As the trainer does: the frozen lower blocks run once without autodiff.
         let from = if start > 0 {
             let frozen = m.valid();
@@ -291,10 +331,13 @@ fn bench_train<B: Backend>(a: &BenchArgs, device: &B::Device) -> Result<Vec<f64>
             Start::Tokens(inputs.clone())
         };
         let h = final_hidden(&m, from, &padding);
+        mark(0, &mut since, i > 0)?;
         let loss = fused::token_log_probs(m.lm_head(h), targets.clone())
             .mean()
             .neg();
+        mark(1, &mut since, i > 0)?;
         let grads = GradientsParams::from_grads(loss.backward(), &m);
+        mark(2, &mut since, i > 0)?;
         m = optim.step(1e-5, m, grads);
         // Wait for the update to finish before stopping the clock.
         let _ = m.layers[n_layers - 1]
@@ -305,11 +348,19 @@ fn bench_train<B: Backend>(a: &BenchArgs, device: &B::Device) -> Result<Vec<f64>
             .narrow(0, 0, 1)
             .sum()
             .into_scalar();
+        mark(3, &mut since, i > 0)?;
         if i > 0 {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
-    Ok(times)
+    let split = a.split.then(|| {
+        TRAIN_PHASES
+            .iter()
+            .zip(phase_times)
+            .map(|(phase, t)| (*phase, median(t)))
+            .collect()
+    });
+    Ok((times, split))
 }
 
 /// KV-cache generation throughput: new tokens x batch / wall time (prefill included).
@@ -380,7 +431,10 @@ fn rl_step<B: Backend>(a: &BenchArgs, device: &B::Device, backend: &str) -> Resu
             "rl-step needs --config RUN.toml (with a learned reward model)".into(),
         )
     })?;
-    let cfg = RlConfig::load(path)?;
+    let mut cfg = RlConfig::load(path)?;
+    // Every response runs to max_new_tokens (EOS masked until then) in both arms, so the two do
+    // the same generation and scoring work and the ratio measures R2M's, not the sampled lengths.
+    cfg.rollout.min_new_tokens = cfg.rollout.max_new_tokens;
     let rm_dir = cfg.reward.model.clone().ok_or_else(|| {
         r2m_core::R2mError::Config(format!("{}: rl-step needs reward.model", path.display()))
     })?;

@@ -2,11 +2,12 @@
 //!
 //! - [`config`]: one [`ModelConfig`] for Llama/SmolLM2/Llama-3, Qwen2 and GPT-NeoX/Pythia;
 //! - [`model`]: the decoder ([`CausalLm`]), returning logits and last-layer hidden states;
-//! - [`fused`]: its CPU hot spots (SwiGLU gate, attention, few-row GEMM, KV-cache writes) with
-//!   multi-threaded kernels for the flex backend;
+//! - [`fused`]: its CPU hot spots (SwiGLU gate, RMSNorm, attention, few-row GEMM, KV-cache
+//!   writes, target log-probs, AdamW) with multi-threaded kernels and custom autodiff ops for the
+//!   flex backend;
 //! - [`weights`], [`gguf`]: HF safetensors and GGUF checkpoints, dequantised to f32;
 //! - [`tokenizer`]: HF tokenizers and chat templates;
-//! - [`generate`]: batched sampling with a KV cache;
+//! - [`generate`](mod@generate): batched sampling with a KV cache;
 //! - [`reward`]: scalar reward models in the HF sequence-classification layout;
 //! - [`hub`], [`load`]: the default model (`smollm2`), loading and saving.
 

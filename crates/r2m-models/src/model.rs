@@ -84,14 +84,11 @@ impl<B: Backend> Norm<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` -> same
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let w = self.weight.val().unsqueeze::<3>();
         match &self.bias {
-            None => {
-                let rms = (x.clone().square().mean_dim(2) + self.eps).sqrt();
-                x / rms * w
-            }
+            None => fused::rms_norm(x, self.weight.val(), self.eps),
             Some(b) => {
                 let (var, mean) = x.clone().var_mean_bias(2);
+                let w = self.weight.val().unsqueeze::<3>();
                 (x - mean) / (var + self.eps).sqrt() * w + b.val().unsqueeze::<3>()
             }
         }

@@ -83,6 +83,9 @@ pub struct RolloutConfig {
     /// K: responses sampled per prompt.
     pub samples_per_prompt: usize,
     pub max_new_tokens: usize,
+    /// EOS cannot be sampled before this many new tokens (HF's `min_new_tokens`); 0 = no floor.
+    /// `r2m bench rl-step` sets it to `max_new_tokens`, so every arm generates the same lengths.
+    pub min_new_tokens: usize,
     /// Sampling temperature (> 0). Log-probs in the loss use the same temperature.
     pub temperature: f32,
     pub top_k: Option<usize>,
@@ -97,6 +100,7 @@ impl Default for RolloutConfig {
             prompts_per_step: 8,
             samples_per_prompt: 4,
             max_new_tokens: 64,
+            min_new_tokens: 0,
             temperature: 0.7,
             top_k: None,
             top_p: None,
@@ -490,6 +494,12 @@ impl RlConfig {
         if r.max_new_tokens == 0 {
             return Err("rollout.max_new_tokens must be > 0".into());
         }
+        if r.min_new_tokens > r.max_new_tokens {
+            return Err(format!(
+                "rollout.min_new_tokens ({}) must be <= rollout.max_new_tokens ({})",
+                r.min_new_tokens, r.max_new_tokens
+            ));
+        }
         if o.epochs == 0 || o.mini_batch_size == 0 || o.micro_batch_size == 0 {
             return Err(
                 "optim.epochs, optim.mini_batch_size and optim.micro_batch_size must be > 0".into(),
@@ -660,6 +670,16 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("samples_per_prompt >= 2"), "{e}");
+        let e = RlConfig::from_toml_str(
+            "[rollout]\nmax_new_tokens = 8\nmin_new_tokens = 9\n[reward]\nkind = \"rule\"\nrule = \"length:5\"\n",
+            Path::new("r.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("min_new_tokens (9) must be <= rollout.max_new_tokens (8)"),
+            "{e}"
+        );
         let e = RlConfig::from_toml_str("", Path::new("r.toml"))
             .unwrap_err()
             .to_string();

@@ -192,7 +192,7 @@ impl<B: AutodiffBackend> RlTrainer<B> {
             seed,
             stop_strings: Vec::new(),
             eos_token_ids: self.eos.clone(),
-            min_new_tokens: 0,
+            min_new_tokens: r.min_new_tokens,
         }
     }
 

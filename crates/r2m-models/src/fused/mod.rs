@@ -1,0 +1,198 @@
+//! The CPU hot spots as single functions, each with a faster kernel for flex.
+//!
+//! [`silu_mul`] (SwiGLU's gating), [`rms_norm`], [`attention`], [`matmul`] and
+//! [`write_positions`] (the KV cache update) are written once with burn tensor ops, which every
+//! backend runs. With the `flex` feature a plain `Flex` tensor (inference: generation, log-probs
+//! without gradients, reward scoring) takes a kernel here instead, because burn-flex 0.21 leaves a
+//! lot on the table there:
+//! - element-wise ops and attention run on one thread with scalar code; the kernels here make one
+//!   pass over the data, split across the rayon pool, in loops the compiler vectorizes;
+//! - a product of a few rows (one per sequence when decoding) by a weight matrix streams the
+//!   weights at about a third of the memory bandwidth; [`matmul`]'s AVX-512 kernel reads them in
+//!   order with the outputs in registers;
+//! - `slice_assign` copies its whole target, which for the KV cache is every layer's cache at
+//!   every token; [`write_positions`] writes in place.
+//!
+//! Training (`Autodiff<Flex>`) takes burn's tensor-op path for [`matmul`], so the GEMMs and their
+//! gradients are burn's own. [`rms_norm`], [`silu_mul`], [`attention`] and [`token_log_probs`]
+//! (log-softmax + gather over the vocabulary) are custom autodiff ops there instead, each a
+//! forward pass and a backward pass of its own in place of burn's chain of single-threaded ops;
+//! and [`adamw`] is the optimizer's update in one pass. Both paths of every function compute the
+//! same thing: the tests (`fused/tests.rs`) hold them, and their gradients, to each other, and the
+//! SmolLM2 parity fixtures run through the kernels.
+
+use burn::optim::AdamWState;
+use burn::tensor::activation::{log_softmax, silu};
+use burn::tensor::backend::Backend;
+use burn::tensor::module;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Int, Tensor};
+use r2m_core::tensor::{entropy, pick_targets};
+
+/// `silu(gate) * up`, element-wise.
+pub fn silu_mul<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(feature = "flex")]
+    let (gate, up) = match flex::silu_mul(gate, up) {
+        Ok(out) => return out,
+        Err(inputs) => inputs,
+    };
+    silu(gate) * up
+}
+
+/// RMSNorm, `x / sqrt(mean(x², last dim) + eps) * weight` (Llama, Qwen2).
+///
+/// # Shapes
+/// - `x`: `[batch, seq, hidden]`, `weight`: `[hidden]` -> `[batch, seq, hidden]`
+pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
+    #[cfg(feature = "flex")]
+    let (x, weight) = match flex::rms_norm(x, weight, eps) {
+        Ok(out) => return out,
+        Err(inputs) => inputs,
+    };
+    let rms = (x.clone().square().mean_dim(2) + eps).sqrt();
+    x / rms * weight.unsqueeze::<3>()
+}
+
+/// `x w` for a few rows of `x` (decoding: one row per sequence).
+///
+/// # Shapes
+/// - `x`: `[rows, k]`, `w`: `[k, n]` (row-major, or the transpose of a row-major `[n, k]`, as the
+///   tied LM head's `embed_tokens.transpose()` is)
+/// - returns `[rows, n]`
+pub fn matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
+    #[cfg(feature = "flex")]
+    let (x, w) = match flex::matmul(x, w) {
+        Ok(out) => return out,
+        Err(inputs) => inputs,
+    };
+    x.matmul(w)
+}
+
+/// `buf[.., .., at..at + part_len, ..] = part`: new key/value positions written into a cache buffer.
+///
+/// burn-flex 0.21's `slice_assign` copies the whole buffer every time (its copy-on-write check
+/// counts its own temporary clone), which at every decoded token is the whole KV cache; the flex
+/// path writes in place when the buffer is not shared.
+///
+/// # Shapes
+/// - `buf`: `[batch, heads, width, head_dim]`, `part`: `[batch, heads, part_len, head_dim]`
+pub fn write_positions<B: Backend>(
+    buf: Tensor<B, 4>,
+    at: usize,
+    part: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    #[cfg(feature = "flex")]
+    let (buf, part) = match flex::write_positions(buf, at, part) {
+        Ok(out) => return out,
+        Err(inputs) => inputs,
+    };
+    let [b, h, len, d] = part.dims();
+    buf.slice_assign([0..b, 0..h, at..at + len, 0..d], part)
+}
+
+/// Scaled dot-product attention, `softmax(q kᵀ / √head_dim, masked) v`.
+///
+/// # Shapes
+/// - `q`: `[batch, heads, rows, head_dim]`; `k`, `v`: `[batch, heads, keys, head_dim]`
+/// - `mask`: `[batch, heads, rows, keys]`, `true` = may not attend; no row may be all `true`
+/// - returns `[batch, heads, rows, head_dim]`
+pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Tensor<B, 4, Bool>,
+) -> Tensor<B, 4> {
+    #[cfg(feature = "flex")]
+    let (q, k, v, mask) = match flex::attention(q, k, v, mask) {
+        Ok(out) => return out,
+        Err(inputs) => inputs,
+    };
+    module::attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
+}
+
+/// Log-probability of each target token under `logits`, `log_softmax(logits)[.., target]`.
+///
+/// The log-softmax over a 49k vocabulary is most of a training step's single-threaded work on
+/// flex: burn makes about six passes over the `[batch, seq, vocab]` logits forward and as many
+/// backward (200 MB each for 8 x 128 tokens). With flex (plain, or under `Autodiff` as a custom op
+/// with its own backward) this is one pass over the rows in parallel forward, and one backward,
+/// `∂logp/∂logits = onehot(target) - softmax`, written over the saved logits.
+///
+/// # Shapes
+/// - `logits`: `[batch, seq, vocab]`, `targets`: `[batch, seq]`
+/// - returns `[batch, seq]`
+pub fn token_log_probs<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+) -> Tensor<B, 2> {
+    log_probs_and_entropy(logits, targets, false).0
+}
+
+/// [`token_log_probs`] and the entropy of each position's distribution (without gradient): on flex
+/// the same pass computes both.
+pub fn token_log_probs_with_entropy<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let (logp, entropy) = log_probs_and_entropy(logits, targets, true);
+    (logp, entropy.expect("asked for"))
+}
+
+fn log_probs_and_entropy<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+    with_entropy: bool,
+) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+    #[cfg(feature = "flex")]
+    let (logits, targets) = match flex::token_log_probs(logits, targets) {
+        Ok((logp, entropy)) => return (logp, Some(entropy)),
+        Err(inputs) => inputs,
+    };
+    let log_probs = log_softmax(logits, 2);
+    let entropy = with_entropy.then(|| entropy(log_probs.clone().detach()));
+    (pick_targets(log_probs, targets), entropy)
+}
+
+/// AdamW's hyper-parameters for [`adamw`] (burn's `AdamWConfig` without AMSGrad and cautious
+/// weight decay).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWParams {
+    pub beta_1: f32,
+    pub beta_2: f32,
+    pub epsilon: f32,
+    pub weight_decay: f32,
+}
+
+/// The inputs of [`adamw`], handed back when there is no kernel for the backend.
+pub type AdamWInputs<B, const D: usize> = (Tensor<B, D>, Tensor<B, D>, Option<AdamWState<B, D>>);
+
+/// One AdamW step of one parameter tensor in one pass, as burn's `AdamW` computes it:
+/// `m = β1 m + (1-β1) g`, `v = β2 v + (1-β2) g²`, `p = p (1 - lr λ) - lr m̂ / (√v̂ + ε)` with the
+/// bias corrections `m̂ = m / (1-β1ᵗ)`, `v̂ = v / (1-β2ᵗ)`; the state is burn's (checkpoints do not
+/// change). burn's optimizer makes about a dozen single-threaded passes over each tensor for this
+/// (about a second per step for SmolLM2 on 2 cores); the flex kernel makes one, over the rayon pool,
+/// in place. Other backends get their inputs back (`Err`), for burn's `AdamW`.
+pub fn adamw<B: Backend, const D: usize>(
+    hyper: &AdamWParams,
+    lr: f64,
+    param: Tensor<B, D>,
+    grad: Tensor<B, D>,
+    state: Option<AdamWState<B, D>>,
+) -> Result<(Tensor<B, D>, AdamWState<B, D>), AdamWInputs<B, D>> {
+    #[cfg(feature = "flex")]
+    return flex::adamw(hyper, lr, param, grad, state);
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = (hyper, lr);
+        Err((param, grad, state))
+    }
+}
+
+// The kernels (flex.rs), the vectorizable row arithmetic they share (lanes.rs), and the tests
+// that hold each kernel and its gradient to burn's own ops (tests.rs).
+#[cfg(feature = "flex")]
+mod flex;
+#[cfg(feature = "flex")]
+mod lanes;
+#[cfg(all(test, feature = "flex"))]
+mod tests;

@@ -1,0 +1,295 @@
+//! The flex kernels against burn's own ops on the same inputs.
+
+use super::*;
+use burn::backend::Flex;
+use burn::tensor::{Distribution, TensorData};
+
+type B = Flex;
+
+fn max_diff<const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
+    (a - b).abs().max().into_scalar()
+}
+
+#[test]
+fn silu_mul_matches_the_tensor_ops() {
+    let dev = Default::default();
+    // More elements than one rayon chunk, and not a multiple of it.
+    let g = Tensor::<B, 3>::random([2, 3, 7001], Distribution::Normal(0.0, 3.0), &dev);
+    let u = Tensor::<B, 3>::random([2, 3, 7001], Distribution::Normal(0.0, 1.0), &dev);
+    let want = silu(g.clone()) * u.clone();
+    let d = max_diff(silu_mul(g, u), want);
+    assert!(d < 1e-5, "max |fused - ops| = {d}");
+}
+
+/// Gradients of `sum(c * f(inputs))` (random `c`) with respect to each input.
+fn grads_of<const N: usize>(
+    inputs: [Tensor<B, 3>; N],
+    c: &Tensor<B, 3>,
+    f: impl Fn(&[Tensor<burn::backend::Autodiff<B>, 3>]) -> Tensor<burn::backend::Autodiff<B>, 3>,
+) -> Vec<Tensor<B, 3>> {
+    type AD = burn::backend::Autodiff<B>;
+    let xs: Vec<Tensor<AD, 3>> = inputs
+        .into_iter()
+        .map(|x| Tensor::<AD, 3>::from_inner(x).require_grad())
+        .collect();
+    let grads = (f(&xs) * Tensor::from_inner(c.clone())).sum().backward();
+    xs.iter()
+        .map(|x| x.grad(&grads).expect("every input gets a gradient"))
+        .collect()
+}
+
+#[test]
+fn silu_mul_and_its_gradient_match_the_tensor_ops_under_autodiff() {
+    let dev = Default::default();
+    let shape = [2, 3, 7001];
+    let g = Tensor::<B, 3>::random(shape, Distribution::Normal(0.0, 3.0), &dev);
+    let u = Tensor::<B, 3>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
+    let c = Tensor::<B, 3>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
+    let got = grads_of([g.clone(), u.clone()], &c, |x| {
+        silu_mul(x[0].clone(), x[1].clone())
+    });
+    let want = grads_of([g, u], &c, |x| silu(x[0].clone()) * x[1].clone());
+    for (name, got, want) in [("gate", &got[0], &want[0]), ("up", &got[1], &want[1])] {
+        let d = max_diff(got.clone(), want.clone());
+        assert!(d < 1e-5, "d/d{name}: max |fused - ops| = {d}");
+    }
+}
+
+#[test]
+fn rms_norm_and_its_gradients_match_the_tensor_ops() {
+    type AD = burn::backend::Autodiff<B>;
+    let dev = Default::default();
+    let (b, s, d, eps) = (3, 50, 576, 1e-5);
+    let x = Tensor::<B, 3>::random([b, s, d], Distribution::Normal(0.0, 2.0), &dev);
+    let w = Tensor::<B, 1>::random([d], Distribution::Normal(1.0, 0.3), &dev);
+    let c = Tensor::<B, 3>::random([b, s, d], Distribution::Normal(0.0, 1.0), &dev);
+    let ops = |x: Tensor<AD, 3>, w: Tensor<AD, 1>| {
+        let rms = (x.clone().square().mean_dim(2) + eps).sqrt();
+        x / rms * w.unsqueeze::<3>()
+    };
+    // Plain flex (inference).
+    let want = ops(Tensor::from_inner(x.clone()), Tensor::from_inner(w.clone())).inner();
+    let dist = max_diff(rms_norm(x.clone(), w.clone(), eps), want);
+    assert!(dist < 1e-5, "forward: max |fused - ops| = {dist}");
+    // Autodiff: the gradients of x and of the weight.
+    let grads = |fused: bool| {
+        let xa = Tensor::<AD, 3>::from_inner(x.clone()).require_grad();
+        let wa = Tensor::<AD, 1>::from_inner(w.clone()).require_grad();
+        let y = if fused {
+            rms_norm(xa.clone(), wa.clone(), eps)
+        } else {
+            ops(xa.clone(), wa.clone())
+        };
+        let g = (y * Tensor::from_inner(c.clone())).sum().backward();
+        (xa.grad(&g).unwrap(), wa.grad(&g).unwrap())
+    };
+    let ((gx, gw), (wx, ww)) = (grads(true), grads(false));
+    let dx = max_diff(gx, wx);
+    assert!(dx < 1e-5, "d/dx: max |fused - ops| = {dx}");
+    let dw = (gw - ww).abs().max().into_scalar();
+    assert!(dw < 1e-3, "d/dw: max |fused - ops| = {dw}");
+}
+
+#[test]
+fn attention_matches_burn_attention_with_padding_masks() {
+    let dev = Default::default();
+    let (b, h, rows, keys, hd) = (2, 3, 10, 12, 64);
+    let q = Tensor::<B, 4>::random([b, h, rows, hd], Distribution::Normal(0.0, 1.0), &dev);
+    let k = Tensor::<B, 4>::random([b, h, keys, hd], Distribution::Normal(0.0, 1.0), &dev);
+    let v = Tensor::<B, 4>::random([b, h, keys, hd], Distribution::Normal(0.0, 1.0), &dev);
+    // Causal over the last `rows` keys, plus two padding keys in batch row 1.
+    let mut m = Vec::new();
+    for bi in 0..b {
+        for _ in 0..h {
+            for r in 0..rows {
+                for key in 0..keys {
+                    let q_pos = keys - rows + r;
+                    m.push(key > q_pos || (bi == 1 && key < 2 && key != q_pos));
+                }
+            }
+        }
+    }
+    let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(m, [b, h, rows, keys]), &dev);
+    let want = module::attention(
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        Some(mask.clone()),
+        None,
+        AttentionModuleOptions::default(),
+    );
+    let d = max_diff(
+        attention(q.clone(), k.clone(), v.clone(), mask.clone()),
+        want,
+    );
+    assert!(d < 1e-5, "max |fused - burn| = {d}");
+
+    // Under autodiff: the gradients of sum(c * attention) with respect to q, k and v.
+    type AD = burn::backend::Autodiff<B>;
+    let c = Tensor::<B, 4>::random([b, h, rows, hd], Distribution::Normal(0.0, 1.0), &dev);
+    let grads = |fused: bool| {
+        let [qa, ka, va] =
+            [&q, &k, &v].map(|x| Tensor::<AD, 4>::from_inner(x.clone()).require_grad());
+        let m = Tensor::<AD, 4, Bool>::from_data(mask.to_data(), &dev);
+        let out = if fused {
+            attention(qa.clone(), ka.clone(), va.clone(), m)
+        } else {
+            let opts = AttentionModuleOptions::default();
+            module::attention(qa.clone(), ka.clone(), va.clone(), Some(m), None, opts)
+        };
+        let g = (out * Tensor::from_inner(c.clone())).sum().backward();
+        [qa, ka, va].map(|x| x.grad(&g).expect("q, k and v get gradients"))
+    };
+    let (got, want) = (grads(true), grads(false));
+    for (name, got, want) in [
+        ("q", &got[0], &want[0]),
+        ("k", &got[1], &want[1]),
+        ("v", &got[2], &want[2]),
+    ] {
+        let d = max_diff(got.clone(), want.clone());
+        assert!(d < 1e-5, "d/d{name}: max |fused - burn| = {d}");
+    }
+}
+
+#[test]
+fn write_positions_matches_slice_assign_for_unique_and_shared_buffers() {
+    let dev = Default::default();
+    let buf = Tensor::<B, 4>::random([2, 3, 9, 8], Distribution::Default, &dev);
+    let part = Tensor::<B, 4>::random([2, 3, 2, 8], Distribution::Default, &dev);
+    let before = buf.clone().into_data();
+    let want = buf
+        .clone()
+        .slice_assign([0..2, 0..3, 5..7, 0..8], part.clone());
+    // `buf` is shared here (a copy is kept), so this takes the copying path...
+    let shared = write_positions(buf.clone(), 5, part.clone());
+    assert_eq!(max_diff(shared, want.clone()), 0.0);
+    // ...and the kept copy is unchanged.
+    assert_eq!(buf.clone().into_data(), before);
+    // A unique buffer is written in place.
+    let unique = write_positions(buf, 5, part.clone());
+    assert_eq!(max_diff(unique, want), 0.0);
+    // A non-contiguous part (a narrowed view) is written the same.
+    let wide = Tensor::<B, 4>::random([2, 3, 4, 8], Distribution::Default, &dev);
+    let base = Tensor::<B, 4>::from_data(before, &dev);
+    let want = base
+        .clone()
+        .slice_assign([0..2, 0..3, 0..2, 0..8], wide.clone().narrow(2, 1, 2));
+    let got = write_positions(base, 0, wide.narrow(2, 1, 2));
+    assert_eq!(max_diff(got, want), 0.0);
+}
+
+#[test]
+fn small_row_matmul_matches_the_gemm_in_both_weight_layouts() {
+    let dev = Default::default();
+    let (k, n) = (576, 96);
+    let w = Tensor::<B, 2>::random([k, n], Distribution::Normal(0.0, 0.1), &dev);
+    // The tied LM head's layout: the transpose of a row-major [n, k].
+    let wt = Tensor::<B, 2>::random([n, k], Distribution::Normal(0.0, 0.1), &dev).transpose();
+    // 2..=8 rows are one kernel call, 11 two (padded), 1 and 40 go to the GEMM library.
+    for rows in [1, 2, 8, 11, 40] {
+        let x = Tensor::<B, 2>::random([rows, k], Distribution::Normal(0.0, 1.0), &dev);
+        for (layout, w) in [("row-major", &w), ("transposed", &wt)] {
+            let want = x.clone().matmul(w.clone());
+            let got = matmul(x.clone(), w.clone());
+            assert_eq!(got.dims(), [rows, n]);
+            let d = max_diff(got, want);
+            assert!(
+                d < 1e-4,
+                "{rows} rows, {layout} weight: max |fused - gemm| = {d}"
+            );
+        }
+    }
+}
+
+/// The one-pass AdamW against burn's `AdamW` over a few steps, with weight decay: the same
+/// parameters and state (up to rounding: flex may divide by a scalar as a product).
+#[test]
+fn adamw_matches_burns_adamw() {
+    use burn::optim::{AdamWConfig, SimpleOptimizer};
+    type AD = burn::backend::Autodiff<B>;
+    let dev = Default::default();
+    let hyper = AdamWParams {
+        beta_1: 0.9,
+        beta_2: 0.999,
+        epsilon: 1e-8,
+        weight_decay: 0.1,
+    };
+    let reference = AdamWConfig::new()
+        .with_beta_1(hyper.beta_1)
+        .with_beta_2(hyper.beta_2)
+        .with_epsilon(hyper.epsilon)
+        .with_weight_decay(hyper.weight_decay)
+        .init::<AD, burn::nn::Linear<AD>>()
+        .optim()
+        .clone();
+    // More elements than one rayon chunk, and not a multiple of it.
+    let p0 = Tensor::<B, 2>::random([37, 1001], Distribution::Normal(0.0, 1.0), &dev);
+    let (mut p_ref, mut s_ref) = (p0.clone(), None);
+    let (mut p_new, mut s_new) = (p0.clone(), None);
+    for step in 0..4 {
+        let g = Tensor::<B, 2>::random([37, 1001], Distribution::Normal(0.0, 0.01), &dev);
+        let lr = 1e-2 * (step + 1) as f64;
+        let (p, s) = reference.step(lr, p_ref, g.clone(), s_ref);
+        (p_ref, s_ref) = (p, s);
+        let (p, s) =
+            adamw(&hyper, lr, p_new, g, s_new).unwrap_or_else(|_| panic!("flex has the kernel"));
+        (p_new, s_new) = (p, Some(s));
+        let (r, n) = (s_ref.as_ref().unwrap(), s_new.as_ref().unwrap());
+        assert_eq!(r.momentum.time, n.momentum.time);
+        let dm = max_diff(r.momentum.moment_1.clone(), n.momentum.moment_1.clone());
+        let dv = max_diff(r.momentum.moment_2.clone(), n.momentum.moment_2.clone());
+        let dp = max_diff(p_ref.clone(), p_new.clone());
+        assert!(
+            dm < 1e-9 && dv < 1e-11 && dp < 1e-6,
+            "step {step}: m {dm} v {dv} p {dp}"
+        );
+    }
+    // The parameters did move (Adam's steps are about lr each).
+    let moved = max_diff(p_new, p0);
+    assert!(moved > 0.05, "moved {moved}");
+}
+
+/// The fused log-prob op against burn's `log_softmax` + `gather`: values and entropy on plain
+/// flex, and the gradient of a weighted sum of the log-probs under `Autodiff<Flex>`.
+#[test]
+fn token_log_probs_and_their_gradient_match_the_tensor_ops() {
+    type AD = burn::backend::Autodiff<B>;
+    let dev = Default::default();
+    let (b, s, vocab) = (2, 3, 1000);
+    let logits = Tensor::<B, 3>::random([b, s, vocab], Distribution::Normal(0.0, 3.0), &dev);
+    let ids = TensorData::new(vec![0i64, 999, 5, 17, 999, 0], [b, s]);
+    let targets = Tensor::<B, 2, Int>::from_data(ids.clone(), &dev);
+    let reference = |l: Tensor<B, 3>| {
+        let lp = log_softmax(l, 2);
+        let h = (lp.clone().exp() * lp.clone())
+            .sum_dim(2)
+            .squeeze_dim::<2>(2)
+            .neg();
+        let g = lp
+            .gather(2, targets.clone().unsqueeze_dim::<3>(2))
+            .squeeze_dim::<2>(2);
+        (g, h)
+    };
+    let (lp, h) = token_log_probs_with_entropy(logits.clone(), targets.clone());
+    let (lp_ref, h_ref) = reference(logits.clone());
+    assert!(max_diff(lp, lp_ref) < 1e-5);
+    assert!(max_diff(h, h_ref) < 1e-4);
+
+    // Gradient of sum(w * logp) with respect to the logits.
+    let w = Tensor::<AD, 2>::random([b, s], Distribution::Normal(0.0, 1.0), &dev);
+    let grad_of = |fused: bool| {
+        let l = Tensor::<AD, 3>::from_inner(logits.clone()).require_grad();
+        let t = Tensor::<AD, 2, Int>::from_data(ids.clone(), &dev);
+        let lp = if fused {
+            token_log_probs(l.clone(), t)
+        } else {
+            log_softmax(l.clone(), 2)
+                .gather(2, t.unsqueeze_dim::<3>(2))
+                .squeeze_dim::<2>(2)
+        };
+        let grads = (lp * w.clone()).sum().backward();
+        l.grad(&grads).expect("logits get a gradient")
+    };
+    let (got, want) = (grad_of(true), grad_of(false));
+    assert!(max_diff(got, want) < 1e-6);
+}
