@@ -69,12 +69,18 @@ pub fn silu_mul<B: Backend, const D: usize>(
         .zip(u.storage::<f32>()[..n].par_chunks(CHUNK))
         .for_each(|(g, u)| {
             for (g, &u) in g.iter_mut().zip(u) {
-                *g = *g / (1.0 + lanes::exp(-*g)) * u;
+                *g = silu_times(*g, u);
             }
         });
     Ok(back(Tensor::<Flex, D>::from_primitive(
         TensorPrimitive::Float(g),
     )))
+}
+
+/// `silu(g) u = g σ(g) u`.
+#[inline(always)]
+fn silu_times(g: f32, u: f32) -> f32 {
+    g / (1.0 + lanes::exp(-g)) * u
 }
 
 /// `silu(gate) * up` into a new buffer, elements in parallel.
@@ -83,7 +89,7 @@ fn silu_mul_into(out: &mut [f32], gate: &[f32], up: &[f32]) {
         .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
         .for_each(|(o, (g, u))| {
             for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = g / (1.0 + lanes::exp(-g)) * u;
+                *o = silu_times(g, u);
             }
         });
 }
@@ -388,6 +394,24 @@ pub fn write_positions<B: Backend>(
 
 type AttentionInputs<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4, Bool>);
 
+/// The attention inputs as `T`'s tensors, or all four back unchanged.
+fn cast_attention<B: Backend, T: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Tensor<B, 4, Bool>,
+) -> Result<AttentionInputs<T>, AttentionInputs<B>> {
+    match (cast(q), cast(k), cast(v), cast(mask)) {
+        (Ok(q), Ok(k), Ok(v), Ok(m)) => Ok((q, k, v, m)),
+        (q, k, v, m) => Err((
+            q.map_or_else(|t| t, back),
+            k.map_or_else(|t| t, back),
+            v.map_or_else(|t| t, back),
+            m.map_or_else(|t| t, back),
+        )),
+    }
+}
+
 /// Attention as two batched GEMMs (flex spreads the batch over the pool) around a masked
 /// softmax done in place, rows in parallel.
 pub fn attention<B: Backend>(
@@ -396,21 +420,9 @@ pub fn attention<B: Backend>(
     v: Tensor<B, 4>,
     mask: Tensor<B, 4, Bool>,
 ) -> Result<Tensor<B, 4>, AttentionInputs<B>> {
-    let (q, k, v, mask): (Tensor<Flex, 4>, Tensor<Flex, 4>, Tensor<Flex, 4>, _) = match (
-        cast(q),
-        cast(k),
-        cast(v),
-        cast::<_, Tensor<Flex, 4, Bool>>(mask),
-    ) {
-        (Ok(q), Ok(k), Ok(v), Ok(m)) => (q, k, v, m),
-        (q, k, v, m) => {
-            return attention_autodiff(
-                q.map_or_else(|t| t, back),
-                k.map_or_else(|t| t, back),
-                v.map_or_else(|t| t, back),
-                m.map_or_else(|t| t, back),
-            )
-        }
+    let (q, k, v, mask) = match cast_attention::<B, Flex>(q, k, v, mask) {
+        Ok(inputs) => inputs,
+        Err((q, k, v, mask)) => return attention_autodiff(q, k, v, mask),
     };
     match attention_probs(&q, &k, &mask) {
         Some(probs) => Ok(back(probs.matmul(v))),
@@ -522,22 +534,7 @@ fn attention_autodiff<B: Backend>(
     mask: Tensor<B, 4, Bool>,
 ) -> Result<Tensor<B, 4>, AttentionInputs<B>> {
     type AD = Autodiff<Flex>;
-    let (q, k, v, mask): (Tensor<AD, 4>, Tensor<AD, 4>, Tensor<AD, 4>, _) = match (
-        cast(q),
-        cast(k),
-        cast(v),
-        cast::<_, Tensor<AD, 4, Bool>>(mask),
-    ) {
-        (Ok(q), Ok(k), Ok(v), Ok(m)) => (q, k, v, m),
-        (q, k, v, m) => {
-            return Err((
-                q.map_or_else(|t| t, back),
-                k.map_or_else(|t| t, back),
-                v.map_or_else(|t| t, back),
-                m.map_or_else(|t| t, back),
-            ))
-        }
-    };
+    let (q, k, v, mask) = cast_attention::<B, AD>(q, k, v, mask)?;
     let inner = Tensor::<Flex, 4, Bool>::from_primitive(mask.clone().into_primitive());
     let (qi, ki, vi) = (q.clone().inner(), k.clone().inner(), v.clone().inner());
     let Some(probs) = attention_probs(&qi, &ki, &inner) else {
