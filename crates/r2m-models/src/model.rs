@@ -362,13 +362,9 @@ impl<B: Backend> Attention<B> {
         // RoPE on the projections, then [batch, seq, heads, head_dim] -> [batch, heads, seq, head_dim]
         let q = Rope::apply(self.q_proj.forward(x.clone()), &rope.q, &rope.rot);
         let k = Rope::apply(self.k_proj.forward(x.clone()), &rope.k, &rope.rot);
-        let q = q.reshape([b, s, h, hd]).swap_dims(1, 2);
-        let k = k.reshape([b, s, kvh, hd]).swap_dims(1, 2);
-        let v = self
-            .v_proj
-            .forward(x)
-            .reshape([b, s, kvh, hd])
-            .swap_dims(1, 2);
+        let q = fused::swap_heads(q.reshape([b, s, h, hd]));
+        let k = fused::swap_heads(k.reshape([b, s, kvh, hd]));
+        let v = fused::swap_heads(self.v_proj.forward(x).reshape([b, s, kvh, hd]));
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
@@ -382,10 +378,7 @@ impl<B: Backend> Attention<B> {
         let mask = mask.reshape([b, kvh, n_rep * s, kv_len]);
         let out = fused::attention(q, k, v, mask);
         // [batch, heads, seq, head_dim] -> [batch, seq, hidden]
-        let out = out
-            .reshape([b, h, s, hd])
-            .swap_dims(1, 2)
-            .reshape([b, s, h * hd]);
+        let out = fused::swap_heads(out.reshape([b, h, s, hd])).reshape([b, s, h * hd]);
         self.o_proj.forward(out)
     }
 }

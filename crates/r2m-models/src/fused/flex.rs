@@ -358,6 +358,84 @@ pub fn matmul<B: Backend>(
     }
 }
 
+/// `x` (`[a, b, c, d]`, dense) as a new dense `[a, c, b, d]`: runs of `d` copied in parallel.
+fn swap_dims_1_2(x: &FlexTensor) -> FlexTensor {
+    let [a, b, c, d] = x.layout().shape().dims::<4>();
+    let mut out = FlexTensor::empty([a, c, b, d].into(), DType::F32);
+    let src = &x.storage::<f32>()[..a * b * c * d];
+    // One task per output row `(i, k)`: its `b` runs of `d` come from rows `(i, j, k)`.
+    out.storage_mut::<f32>()[..a * b * c * d]
+        .par_chunks_mut(b * d)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let (i, k) = (row / c, row % c);
+            for (j, run) in dst.chunks_mut(d).enumerate() {
+                let at = ((i * b + j) * c + k) * d;
+                run.copy_from_slice(&src[at..at + d]);
+            }
+        });
+    out
+}
+
+/// The backward of [`swap_heads`] under `Autodiff<Flex>`: the same copy, back.
+#[derive(Debug)]
+struct SwapHeadsBackward;
+
+impl Backward<Flex, 1> for SwapHeadsBackward {
+    type State = ();
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let g = grads.consume::<Flex>(&ops.node);
+        if let Some(parent) = parent {
+            let g = if dense_f32(&g) { g } else { g.to_contiguous() };
+            grads.register::<Flex>(parent.id, swap_dims_1_2(&g));
+        }
+    }
+}
+
+pub fn swap_heads<B: Backend>(x: Tensor<B, 4>) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    let x = match cast::<_, Tensor<Flex, 4>>(x) {
+        Ok(x) => {
+            let p = x.into_primitive().tensor();
+            let p = if dense_f32(&p) { p } else { p.to_contiguous() };
+            if p.dtype() != DType::F32 {
+                let x = Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(p));
+                return Ok(back(x.swap_dims(1, 2)));
+            }
+            let out = swap_dims_1_2(&p);
+            return Ok(back(Tensor::<Flex, 4>::from_primitive(
+                TensorPrimitive::Float(out),
+            )));
+        }
+        Err(x) => x,
+    };
+    type AD = Autodiff<Flex>;
+    let x = cast::<_, Tensor<AD, 4>>(x)?;
+    let xa = x.into_primitive().tensor();
+    let p = &xa.primitive;
+    if p.dtype() != DType::F32 {
+        let x = Tensor::<AD, 4>::from_primitive(TensorPrimitive::Float(xa));
+        return Ok(back(x.swap_dims(1, 2)));
+    }
+    let out = if dense_f32(p) {
+        swap_dims_1_2(p)
+    } else {
+        swap_dims_1_2(&p.to_contiguous())
+    };
+    let out = match SwapHeadsBackward
+        .prepare::<NoCheckpointing>([xa.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Ok(back(Tensor::<AD, 4>::from_primitive(
+        TensorPrimitive::Float(out),
+    )))
+}
+
 pub fn write_positions<B: Backend>(
     buf: Tensor<B, 4>,
     at: usize,

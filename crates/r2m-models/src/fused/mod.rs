@@ -14,12 +14,12 @@
 //!   every token; [`write_positions`] writes in place.
 //!
 //! Training (`Autodiff<Flex>`) takes burn's tensor-op path for [`matmul`], so the GEMMs and their
-//! gradients are burn's own. [`rms_norm`], [`silu_mul`], [`attention`] and [`token_log_probs`]
-//! (log-softmax + gather over the vocabulary) are custom autodiff ops there instead, each a
-//! forward pass and a backward pass of its own in place of burn's chain of single-threaded ops;
-//! and [`adamw`] is the optimizer's update in one pass. Both paths of every function compute the
-//! same thing: the tests (`fused/tests.rs`) hold them, and their gradients, to each other, and the
-//! SmolLM2 parity fixtures run through the kernels.
+//! gradients are burn's own. [`rms_norm`], [`silu_mul`], [`attention`], [`swap_heads`] and
+//! [`token_log_probs`] (log-softmax + gather over the vocabulary) are custom autodiff ops there
+//! instead, each a forward pass and a backward pass of its own in place of burn's chain of
+//! single-threaded ops; and [`adamw`] is the optimizer's update in one pass. Both paths of every
+//! function compute the same thing: the tests (`fused/tests.rs`) hold them, and their gradients,
+//! to each other, and the SmolLM2 parity fixtures run through the kernels.
 
 use burn::optim::AdamWState;
 use burn::tensor::activation::{log_softmax, silu};
@@ -66,6 +66,22 @@ pub fn matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
         Err(inputs) => inputs,
     };
     x.matmul(w)
+}
+
+/// `x.swap_dims(1, 2)` as a contiguous tensor: `[batch, seq, heads, head_dim]` to `[batch, heads,
+/// seq, head_dim]` before attention, and back after it.
+///
+/// On flex the copy that the following `reshape` would make goes through a single-threaded
+/// strided iterator, forward and in the backward pass; here it is one parallel copy of
+/// `head_dim`-long runs (a custom autodiff op under `Autodiff<Flex>`, whose backward is the same
+/// copy). Other backends get burn's `swap_dims`.
+pub fn swap_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    #[cfg(feature = "flex")]
+    let x = match flex::swap_heads(x) {
+        Ok(out) => return out,
+        Err(x) => x,
+    };
+    x.swap_dims(1, 2)
 }
 
 /// `buf[.., .., at..at + part_len, ..] = part`: new key/value positions written into a cache buffer.

@@ -293,3 +293,29 @@ fn token_log_probs_and_their_gradient_match_the_tensor_ops() {
     let (got, want) = (grad_of(true), grad_of(false));
     assert!(max_diff(got, want) < 1e-6);
 }
+
+#[test]
+fn swap_heads_matches_swap_dims_and_so_does_its_gradient() {
+    type AD = burn::backend::Autodiff<B>;
+    let dev = Default::default();
+    let x = Tensor::<B, 4>::random([2, 5, 3, 7], Distribution::Normal(0.0, 1.0), &dev);
+    // A strided input too (a view of the transpose).
+    let strided =
+        Tensor::<B, 4>::random([2, 3, 5, 7], Distribution::Normal(0.0, 1.0), &dev).swap_dims(1, 2);
+    for x in [x, strided] {
+        let d = max_diff(swap_heads(x.clone()), x.clone().swap_dims(1, 2));
+        assert_eq!(d, 0.0, "forward");
+        let c = Tensor::<B, 4>::random([2, 3, 5, 7], Distribution::Normal(0.0, 1.0), &dev);
+        let grad = |fused: bool| {
+            let xa = Tensor::<AD, 4>::from_inner(x.clone()).require_grad();
+            let y = if fused {
+                swap_heads(xa.clone())
+            } else {
+                xa.clone().swap_dims(1, 2)
+            };
+            let g = (y * Tensor::from_inner(c.clone())).sum().backward();
+            xa.grad(&g).expect("x gets a gradient")
+        };
+        assert_eq!(max_diff(grad(true), grad(false)), 0.0, "gradient");
+    }
+}
