@@ -49,6 +49,15 @@ fn dense_f32(t: &FlexTensor) -> bool {
     t.dtype() == DType::F32 && t.layout().is_contiguous() && t.layout().start_offset() == 0
 }
 
+/// `t` in row-major order from offset 0: itself when it already is, else a copy.
+fn dense(t: FlexTensor) -> FlexTensor {
+    if t.layout().is_contiguous() && t.layout().start_offset() == 0 {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
 pub fn silu_mul<B: Backend, const D: usize>(
     gate: Tensor<B, D>,
     up: Tensor<B, D>,
@@ -108,7 +117,7 @@ impl Backward<Flex, 2> for SiluMulBackward {
         let [p_gate, p_up] = ops.parents;
         let g = grads.consume::<Flex>(&ops.node);
         let (mut gate, up) = ops.state;
-        let mut g = if dense_f32(&g) { g } else { g.to_contiguous() };
+        let mut g = dense(g);
         let n = up.layout().num_elements();
         // In place when the buffers are not shared; a copy otherwise.
         let (xs, gs) = (
@@ -174,13 +183,25 @@ fn rows_per_task(width: usize) -> usize {
     (CHUNK / width.max(1)).max(1)
 }
 
-/// RMSNorm forward over rows of `width`: `out = x r w` with `r = 1 / sqrt(mean(x²) + eps)`
-/// per row; returns each row's `r`.
-fn rms_norm_into(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
-    let d = w.len();
-    let mut r = vec![0f32; x.len() / d];
+/// RMSNorm forward, rows of `x` in parallel: `x r w` with `r = 1 / sqrt(mean(x²) + eps)` per
+/// row, and each row's `r`; `None` unless `x` and `w` are dense f32 with `w` as long as a
+/// (non-empty) row.
+fn rms_norm_forward(x: &FlexTensor, w: &FlexTensor, eps: f64) -> Option<(FlexTensor, Vec<f32>)> {
+    let d = *x.layout().shape().dims::<3>().last()?;
+    if d == 0 || !dense_f32(x) || !dense_f32(w) || w.layout().num_elements() != d {
+        return None;
+    }
+    let n = x.layout().num_elements();
+    let mut out = FlexTensor::empty(x.layout().shape().clone(), DType::F32);
+    let (x, w, eps) = (
+        &x.storage::<f32>()[..n],
+        &w.storage::<f32>()[..d],
+        eps as f32,
+    );
+    let mut r = vec![0f32; n / d];
     let rows = rows_per_task(d);
-    out.par_chunks_mut(rows * d)
+    out.storage_mut::<f32>()[..n]
+        .par_chunks_mut(rows * d)
         .zip(x.par_chunks(rows * d))
         .zip(r.par_chunks_mut(rows))
         .for_each(move |((out, x), r)| {
@@ -192,7 +213,7 @@ fn rms_norm_into(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
                 }
             }
         });
-    r
+    Some((out, r))
 }
 
 /// The inputs of [`rms_norm`], handed back.
@@ -214,28 +235,15 @@ pub fn rms_norm<B: Backend>(
             return rms_norm_autodiff(x, w, eps);
         }
     };
-    let w = weight
-        .clone()
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>();
-    let xp = x.clone().into_primitive().tensor();
-    let d = xp.layout().shape().dims::<3>()[2];
-    match w {
-        Ok(w) if dense_f32(&xp) && w.len() == d => {
-            let n = xp.layout().num_elements();
-            let mut out = FlexTensor::empty(xp.layout().shape().clone(), DType::F32);
-            rms_norm_into(
-                &mut out.storage_mut::<f32>()[..n],
-                &xp.storage::<f32>()[..n],
-                &w,
-                eps as f32,
-            );
-            Ok(back(Tensor::<Flex, 3>::from_primitive(
-                TensorPrimitive::Float(out),
-            )))
-        }
-        _ => Err((back(x), back(weight))),
+    let (xp, wp) = (
+        x.clone().into_primitive().tensor(),
+        weight.clone().into_primitive().tensor(),
+    );
+    match rms_norm_forward(&xp, &wp, eps) {
+        Some((out, _)) => Ok(back(Tensor::<Flex, 3>::from_primitive(
+            TensorPrimitive::Float(out),
+        ))),
+        None => Err((back(x), back(weight))),
     }
 }
 
@@ -245,19 +253,19 @@ pub fn rms_norm<B: Backend>(
 struct RmsNormBackward;
 
 impl Backward<Flex, 2> for RmsNormBackward {
-    /// `x` (dense f32), the weight, each row's `r`.
-    type State = (FlexTensor, Vec<f32>, Vec<f32>);
+    /// `x` and the weight (dense f32), each row's `r`.
+    type State = (FlexTensor, FlexTensor, Vec<f32>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [p_x, p_w] = ops.parents;
         let g = grads.consume::<Flex>(&ops.node);
         let (x, w, r) = ops.state;
-        let mut g = if dense_f32(&g) { g } else { g.to_contiguous() };
-        let d = w.len();
+        let mut g = dense(g);
+        let d = w.layout().num_elements();
         let n = x.layout().num_elements();
         let rows = rows_per_task(d);
         // ∂/∂w's partial sums per task, then ∂/∂x written over the incoming gradient.
-        let w = &w[..];
+        let w = &w.storage::<f32>()[..d];
         let dw = g.storage_mut::<f32>()[..n]
             .par_chunks_mut(rows * d)
             .zip(x.storage::<f32>()[..n].par_chunks(rows * d))
@@ -307,39 +315,21 @@ fn rms_norm_autodiff<B: Backend>(
         (Ok(x), Ok(w)) => (x, w),
         (x, w) => return Err((x.map_or_else(|t| t, back), w.map_or_else(|t| t, back))),
     };
-    let w = weight
-        .clone()
-        .inner()
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>();
     let (xa, wa) = (
         x.into_primitive().tensor(),
         weight.into_primitive().tensor(),
     );
-    let d = xa.primitive.layout().shape().dims::<3>()[2];
-    let w = match w {
-        Ok(w) if dense_f32(&xa.primitive) && w.len() == d => w,
-        _ => {
-            let x = Tensor::<AD, 3>::from_primitive(TensorPrimitive::Float(xa));
-            let w = Tensor::<AD, 1>::from_primitive(TensorPrimitive::Float(wa));
-            return Err((back(x), back(w)));
-        }
+    let Some((out, r)) = rms_norm_forward(&xa.primitive, &wa.primitive, eps) else {
+        let x = Tensor::<AD, 3>::from_primitive(TensorPrimitive::Float(xa));
+        let w = Tensor::<AD, 1>::from_primitive(TensorPrimitive::Float(wa));
+        return Err((back(x), back(w)));
     };
-    let n = xa.primitive.layout().num_elements();
-    let mut out = FlexTensor::empty(xa.primitive.layout().shape().clone(), DType::F32);
-    let r = rms_norm_into(
-        &mut out.storage_mut::<f32>()[..n],
-        &xa.primitive.storage::<f32>()[..n],
-        &w,
-        eps as f32,
-    );
     let out = match RmsNormBackward
         .prepare::<NoCheckpointing>([xa.node.clone(), wa.node.clone()])
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => prep.finish((xa.primitive, w, r), out),
+        OpsKind::Tracked(prep) => prep.finish((xa.primitive, wa.primitive, r), out),
         OpsKind::UnTracked(prep) => prep.finish(out),
     };
     Ok(back(Tensor::<AD, 3>::from_primitive(
@@ -358,8 +348,13 @@ pub fn matmul<B: Backend>(
     }
 }
 
-/// `x` (`[a, b, c, d]`, dense) as a new dense `[a, c, b, d]`: runs of `d` copied in parallel.
-fn swap_dims_1_2(x: &FlexTensor) -> FlexTensor {
+/// `x` (`[a, b, c, d]`, f32) as a new dense `[a, c, b, d]`: runs of `d` copied in parallel;
+/// other dtypes back unchanged.
+fn swap_dims_1_2(x: FlexTensor) -> Result<FlexTensor, FlexTensor> {
+    if x.dtype() != DType::F32 {
+        return Err(x);
+    }
+    let x = dense(x);
     let [a, b, c, d] = x.layout().shape().dims::<4>();
     let mut out = FlexTensor::empty([a, c, b, d].into(), DType::F32);
     let src = &x.storage::<f32>()[..a * b * c * d];
@@ -374,7 +369,7 @@ fn swap_dims_1_2(x: &FlexTensor) -> FlexTensor {
                 run.copy_from_slice(&src[at..at + d]);
             }
         });
-    out
+    Ok(out)
 }
 
 /// The backward of [`swap_heads`] under `Autodiff<Flex>`: the same copy, back.
@@ -388,40 +383,31 @@ impl Backward<Flex, 1> for SwapHeadsBackward {
         let [parent] = ops.parents;
         let g = grads.consume::<Flex>(&ops.node);
         if let Some(parent) = parent {
-            let g = if dense_f32(&g) { g } else { g.to_contiguous() };
-            grads.register::<Flex>(parent.id, swap_dims_1_2(&g));
+            let g = swap_dims_1_2(g).expect("the gradient of an f32 op is f32");
+            grads.register::<Flex>(parent.id, g);
         }
     }
 }
 
 pub fn swap_heads<B: Backend>(x: Tensor<B, 4>) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    let f = |t| Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(t));
     let x = match cast::<_, Tensor<Flex, 4>>(x) {
         Ok(x) => {
-            let p = x.into_primitive().tensor();
-            let p = if dense_f32(&p) { p } else { p.to_contiguous() };
-            if p.dtype() != DType::F32 {
-                let x = Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(p));
-                return Ok(back(x.swap_dims(1, 2)));
+            return match swap_dims_1_2(x.into_primitive().tensor()) {
+                Ok(out) => Ok(back(f(out))),
+                Err(x) => Err(back(f(x))),
             }
-            let out = swap_dims_1_2(&p);
-            return Ok(back(Tensor::<Flex, 4>::from_primitive(
-                TensorPrimitive::Float(out),
-            )));
         }
         Err(x) => x,
     };
     type AD = Autodiff<Flex>;
-    let x = cast::<_, Tensor<AD, 4>>(x)?;
-    let xa = x.into_primitive().tensor();
-    let p = &xa.primitive;
-    if p.dtype() != DType::F32 {
-        let x = Tensor::<AD, 4>::from_primitive(TensorPrimitive::Float(xa));
-        return Ok(back(x.swap_dims(1, 2)));
-    }
-    let out = if dense_f32(p) {
-        swap_dims_1_2(p)
-    } else {
-        swap_dims_1_2(&p.to_contiguous())
+    let xa = cast::<_, Tensor<AD, 4>>(x)?.into_primitive().tensor();
+    let out = match swap_dims_1_2(xa.primitive.clone()) {
+        Ok(out) => out,
+        Err(_) => {
+            let x = Tensor::<AD, 4>::from_primitive(TensorPrimitive::Float(xa));
+            return Err(back(x));
+        }
     };
     let out = match SwapHeadsBackward
         .prepare::<NoCheckpointing>([xa.node.clone()])
@@ -448,11 +434,7 @@ pub fn write_positions<B: Backend>(
         buf.into_primitive().tensor(),
         part.into_primitive().tensor(),
     );
-    let src = if dense_f32(&src) {
-        src
-    } else {
-        src.to_contiguous()
-    };
+    let src = dense(src);
     if !dense_f32(&dst) || !dense_f32(&src) || !dst.is_unique() || at + len > width {
         let f = |t| Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(t));
         let out = f(dst).slice_assign([0..b, 0..h, at..at + len, 0..d], f(src));
@@ -572,10 +554,7 @@ impl Backward<Flex, 3> for AttentionBackward {
         }
         let scale = attention_scale(&q);
         let keys = k.dims()[2];
-        let mut ds = g.matmul(v.swap_dims(2, 3)).into_primitive().tensor();
-        if !dense_f32(&ds) {
-            ds = ds.to_contiguous();
-        }
+        let mut ds = dense(g.matmul(v.swap_dims(2, 3)).into_primitive().tensor());
         let n = ds.layout().num_elements();
         let probs = probs.into_primitive().tensor();
         let rows = rows_per_task(keys) * keys;
@@ -691,7 +670,7 @@ impl Backward<Flex, 1> for TokenLogProbsBackward {
         let g = grads.consume::<Flex>(&ops.node);
         let Some(parent) = parent else { return };
         let (mut logits, lse, targets) = ops.state;
-        let g = if dense_f32(&g) { g } else { g.to_contiguous() };
+        let g = dense(g);
         let g = &g.storage::<f32>()[..targets.len()];
         let vocab = logits.layout().num_elements() / targets.len();
         // In place when the saved logits are not shared (they are not, once the forward's
