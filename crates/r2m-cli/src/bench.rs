@@ -29,7 +29,9 @@ pub enum Scenario {
     /// KV-cache generation: `--gen-prompt` random prompt tokens, exactly `--gen-new` new tokens,
     /// for each of `--gen-batches`, greedy and sampled.
     Generate,
-    /// One MLP-sized GEMM, `[batch*seq, hidden] x [hidden, intermediate]` (GFLOP/s calibration).
+    /// The GEMMs of a training step at `batch x seq` tokens (GFLOP/s calibration): the MLP's,
+    /// attention projections' and LM head's products forward, and both of their gradients with
+    /// the transposed operands the backward pass hands over.
     Gemm,
     /// RL steps of the `--config` run, vanilla and R2M alternating on the same prompts, every
     /// response `max_new_tokens` long: per-step time split and the R2M / vanilla ratio.
@@ -171,40 +173,7 @@ impl BackendTask for BenchTask {
                     }
                 }
                 Scenario::Gemm => {
-                    let (m, k, n) = (
-                        a.batch * a.seq,
-                        model.config.hidden_size,
-                        model.config.intermediate_size,
-                    );
-                    let x = Tensor::<B, 2>::random(
-                        [m, k],
-                        burn::tensor::Distribution::Default,
-                        &device,
-                    );
-                    let w = Tensor::<B, 2>::random(
-                        [k, n],
-                        burn::tensor::Distribution::Default,
-                        &device,
-                    );
-                    for i in 0..=a.iters * 10 {
-                        let t0 = Instant::now();
-                        let _ = x
-                            .clone()
-                            .matmul(w.clone())
-                            .narrow(0, 0, 1)
-                            .sum()
-                            .into_scalar();
-                        if i > 0 {
-                            times.push(t0.elapsed().as_secs_f64());
-                        }
-                    }
-                    let gflops = 2.0 * (m * k * n) as f64 / median(times) / 1e9;
-                    println!("r2m gemm     backend={backend} {m}x{k}x{n} {gflops:.1} GFLOP/s");
-                    println!(
-                        "{}",
-                        serde_json::json!({"impl": "r2m", "backend": backend, "scenario": "gemm",
-                            "m": m, "k": k, "n": n, "gflops": gflops})
-                    );
+                    bench_gemm::<B>(&model.config, &a, &device, backend);
                     continue;
                 }
                 Scenario::Train => {
@@ -268,6 +237,98 @@ impl BackendTask for BenchTask {
             );
         }
         Ok(())
+    }
+}
+
+/// One product of [`bench_gemm`]: `[m, k] x [k, n]`, each operand either row-major or the
+/// transpose of a row-major tensor (as the backward pass passes them).
+struct GemmCase {
+    name: &'static str,
+    m: usize,
+    k: usize,
+    n: usize,
+    lhs_transposed: bool,
+    rhs_transposed: bool,
+}
+
+/// Times each GEMM of a training step (the median of `10 x --iters` runs after a warm-up) and
+/// prints its GFLOP/s, with one JSON line per product.
+fn bench_gemm<B: Backend>(
+    c: &r2m_models::ModelConfig,
+    a: &BenchArgs,
+    device: &B::Device,
+    backend: &str,
+) {
+    let t = a.batch * a.seq;
+    let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+    let case = |name, m, k, n, lhs_transposed, rhs_transposed| GemmCase {
+        name,
+        m,
+        k,
+        n,
+        lhs_transposed,
+        rhs_transposed,
+    };
+    // Forward `x w`; backward `dy wᵀ` and `xᵀ dy` (w stored `[d_in, d_out]`, the tied head as
+    // `embedᵀ`).
+    let cases = [
+        case("mlp up x.w", t, h, i, false, false),
+        case("mlp up dy.wT", t, i, h, false, true),
+        case("mlp up xT.dy", h, t, i, true, false),
+        case("mlp down x.w", t, i, h, false, false),
+        case("mlp down dy.wT", t, h, i, false, true),
+        case("mlp down xT.dy", i, t, h, true, false),
+        case("q/o x.w", t, h, h, false, false),
+        case("q/o dy.wT", t, h, h, false, true),
+        case("q/o xT.dy", h, t, h, true, false),
+        case("head x.eT", t, h, v, false, true),
+        case("head dy.e", t, v, h, false, false),
+        case("head xT.dy", h, t, v, true, false),
+    ];
+    let random = |rows, cols, transposed: bool| {
+        let dims = if transposed {
+            [cols, rows]
+        } else {
+            [rows, cols]
+        };
+        let x = Tensor::<B, 2>::random(dims, burn::tensor::Distribution::Default, device);
+        if transposed {
+            x.transpose()
+        } else {
+            x
+        }
+    };
+    for g in cases {
+        let x = random(g.m, g.k, g.lhs_transposed);
+        let w = random(g.k, g.n, g.rhs_transposed);
+        // Large products run fewer times.
+        let reps = (a.iters * 10).min((4e11 / (2 * g.m * g.k * g.n) as f64).ceil() as usize);
+        let mut times = Vec::new();
+        for r in 0..=reps.max(1) {
+            let t0 = Instant::now();
+            let _ = x
+                .clone()
+                .matmul(w.clone())
+                .narrow(0, 0, 1)
+                .sum()
+                .into_scalar();
+            if r > 0 {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        let gflops = 2.0 * (g.m * g.k * g.n) as f64 / median(times) / 1e9;
+        let (m, k, n) = (g.m, g.k, g.n);
+        println!(
+            "r2m gemm     backend={backend} {:<16} {m}x{k}x{n} {gflops:.1} GFLOP/s",
+            g.name
+        );
+        println!(
+            "{}",
+            serde_json::json!({"impl": "r2m", "backend": backend, "scenario": "gemm",
+                "product": g.name, "m": m, "k": k, "n": n,
+                "lhs_transposed": g.lhs_transposed, "rhs_transposed": g.rhs_transposed,
+                "gflops": gflops})
+        );
     }
 }
 

@@ -5,6 +5,8 @@ use std::any::Any;
 
 use super::lanes;
 
+mod product;
+
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -341,11 +343,24 @@ pub fn matmul<B: Backend>(
     x: Tensor<B, 2>,
     w: Tensor<B, 2>,
 ) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
-    let (x, w) = cast2::<_, Tensor<Flex, 2>>(x, w)?;
-    match small_rows::matmul(&x, &w) {
-        Some(y) => Ok(back(y)),
-        None => Ok(back(x.matmul(w))),
+    let (x, w) = match cast2::<_, Tensor<Flex, 2>>(x, w) {
+        Ok(pair) => pair,
+        Err(inputs) => {
+            let (x, w) = cast2::<_, Tensor<Autodiff<Flex>, 2>>(inputs.0, inputs.1)?;
+            return Ok(back(product::matmul_autodiff(x, w)));
+        }
+    };
+    if let Some(y) = small_rows::matmul(&x, &w) {
+        return Ok(back(y));
     }
+    let y = product::matmul(
+        &x.clone().into_primitive().tensor(),
+        &w.clone().into_primitive().tensor(),
+    );
+    Ok(back(match y {
+        Some(y) => Tensor::<Flex, 2>::from_primitive(TensorPrimitive::Float(y)),
+        None => x.matmul(w),
+    }))
 }
 
 /// `x` (`[a, b, c, d]`, f32) as a new dense `[a, c, b, d]`: runs of `d` copied in parallel;

@@ -11,13 +11,15 @@
 //!   weights at about a third of the memory bandwidth; [`matmul`]'s AVX-512 kernel reads them in
 //!   order with the outputs in registers;
 //! - `slice_assign` copies its whole target, which for the KV cache is every layer's cache at
-//!   every token; [`write_positions`] writes in place.
+//!   every token; [`write_positions`] writes in place;
+//! - every GEMM output is zero-filled and then copied once more before the GEMM writes it;
+//!   [`matmul`] calls the same `gemm` crate into a buffer it leaves uninitialized.
 //!
-//! Training (`Autodiff<Flex>`) takes burn's tensor-op path for [`matmul`], so the GEMMs and their
-//! gradients are burn's own. [`rms_norm`], [`silu_mul`], [`attention`], [`swap_heads`] and
-//! [`token_log_probs`] (log-softmax + gather over the vocabulary) are custom autodiff ops there
-//! instead, each a forward pass and a backward pass of its own in place of burn's chain of
-//! single-threaded ops; and [`adamw`] is the optimizer's update in one pass. Both paths of every
+//! In training (`Autodiff<Flex>`) [`matmul`], [`rms_norm`], [`silu_mul`], [`attention`],
+//! [`swap_heads`] and [`token_log_probs`] (log-softmax + gather over the vocabulary) are custom
+//! autodiff ops, each a forward pass and a backward pass of its own in place of burn's chain of
+//! single-threaded ops (for [`matmul`]: two GEMMs straight into new buffers); and [`adamw`] is the
+//! optimizer's update in one pass. Both paths of every
 //! function compute the same thing: the tests (`fused/tests.rs`) hold them, and their gradients,
 //! to each other, and the SmolLM2 parity fixtures run through the kernels.
 
@@ -53,7 +55,9 @@ pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, eps: f64) -> 
     x / rms * weight.unsqueeze::<3>()
 }
 
-/// `x w` for a few rows of `x` (decoding: one row per sequence).
+/// `x w`: the linear layers and the tied LM head. On flex, a few rows of `x` (decoding: one row
+/// per sequence) take an AVX-512 kernel and more rows the `gemm` crate, written straight into the
+/// output (a custom autodiff op under `Autodiff<Flex>`).
 ///
 /// # Shapes
 /// - `x`: `[rows, k]`, `w`: `[k, n]` (row-major, or the transpose of a row-major `[n, k]`, as the

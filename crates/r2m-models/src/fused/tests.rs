@@ -319,3 +319,60 @@ fn swap_heads_matches_swap_dims_and_so_does_its_gradient() {
         assert_eq!(max_diff(grad(true), grad(false)), 0.0, "gradient");
     }
 }
+
+/// The GEMM path of [`matmul`] (more rows than the small-row kernel takes) against flex's own
+/// `matmul`: the product on plain flex, and both gradients under `Autodiff<Flex>`, for row-major
+/// and transposed operands; the gradient that reaches a transposed weight's source (the tied LM
+/// head's embedding) comes out row-major.
+#[test]
+fn matmul_and_its_gradients_match_flex_matmul_in_every_layout() {
+    type AD = burn::backend::Autodiff<B>;
+    let dev = Default::default();
+    // 40 rows run on one thread, 300 rows above the threshold on the rayon pool.
+    for (m, k, n) in [(40, 48, 24), (300, 200, 130)] {
+        let random = |rows, cols, transposed: bool| {
+            let dims = if transposed {
+                [cols, rows]
+            } else {
+                [rows, cols]
+            };
+            Tensor::<B, 2>::random(dims, Distribution::Normal(0.0, 1.0), &dev)
+        };
+        let c = random(m, n, false);
+        for (x_t, w_t) in [(false, false), (false, true), (true, false), (true, true)] {
+            let (x0, w0) = (random(m, k, x_t), random(k, n, w_t));
+            let view = |t: Tensor<B, 2>, transposed| if transposed { t.transpose() } else { t };
+            let want = view(x0.clone(), x_t).matmul(view(w0.clone(), w_t));
+            let got = matmul(view(x0.clone(), x_t), view(w0.clone(), w_t));
+            let case = format!("{m}x{k}x{n}, x transposed {x_t}, w transposed {w_t}");
+            assert!(max_diff(got, want) < 1e-4, "{case}: forward");
+            // Gradients with respect to the stored tensors, through the views.
+            let grads = |fused: bool| {
+                let (xa, wa) = (
+                    Tensor::<AD, 2>::from_inner(x0.clone()).require_grad(),
+                    Tensor::<AD, 2>::from_inner(w0.clone()).require_grad(),
+                );
+                let (xv, wv) = (
+                    if x_t {
+                        xa.clone().transpose()
+                    } else {
+                        xa.clone()
+                    },
+                    if w_t {
+                        wa.clone().transpose()
+                    } else {
+                        wa.clone()
+                    },
+                );
+                let y = if fused { matmul(xv, wv) } else { xv.matmul(wv) };
+                let g = (y * Tensor::from_inner(c.clone())).sum().backward();
+                (xa.grad(&g).expect("x"), wa.grad(&g).expect("w"))
+            };
+            let ((gx, gw), (wx, ww)) = (grads(true), grads(false));
+            assert!(max_diff(gx, wx) < 1e-3, "{case}: d/dx");
+            let layout = gw.clone().into_primitive().tensor().layout().clone();
+            assert!(max_diff(gw, ww) < 1e-3, "{case}: d/dw");
+            assert!(layout.is_contiguous(), "{case}: d/dw is not row-major");
+        }
+    }
+}

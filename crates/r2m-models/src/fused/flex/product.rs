@@ -1,0 +1,190 @@
+//! Matrix products on flex through the `gemm` crate, written straight into their output, and
+//! `x w` as a custom autodiff op.
+//!
+//! burn-flex 0.21 runs the same `gemm` crate, but creates every output with `FlexTensor::empty`,
+//! which zero-fills a byte vector and then copies it into a 16-byte aligned one: two passes over
+//! memory that the GEMM overwrites anyway. For the LM head's `[tokens, vocab]` logits that is
+//! 2 x 200 MB at 8 x 128 tokens. In a training step these passes (and the page faults of the
+//! second buffer) ran on the main thread while the GEMM threads waited: about 9% of the step's
+//! samples. Here the output is allocated once, left uninitialized, and written by the GEMM.
+
+use std::mem::MaybeUninit;
+
+use burn::backend::flex::Layout;
+use burn::tensor::Bytes;
+
+use super::*;
+
+/// Fewest multiply-adds for which a product is split over the rayon pool (burn-flex's
+/// threshold): below it the GEMM runs on the calling thread.
+const PARALLEL_FROM: usize = 192 * 192 * 192;
+
+/// A 2-D f32 operand: where its element `[0, 0]` is and how far apart its rows and columns
+/// are (in elements).
+#[derive(Clone, Copy)]
+struct Operand {
+    ptr: *const f32,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl Operand {
+    /// `t` as an operand, or `None` unless it is 2-D f32.
+    fn of(t: &FlexTensor) -> Option<Self> {
+        let l = t.layout();
+        if t.dtype() != DType::F32 || l.num_dims() != 2 {
+            return None;
+        }
+        let [rs, cs] = [l.strides()[0], l.strides()[1]];
+        // SAFETY: `start_offset` is within the buffer of a valid tensor.
+        let ptr = unsafe { t.storage::<f32>().as_ptr().add(l.start_offset()) };
+        Some(Self {
+            ptr,
+            row_stride: rs,
+            col_stride: cs,
+        })
+    }
+
+    /// The transpose: the same elements with rows and columns swapped.
+    fn t(self) -> Self {
+        Self {
+            ptr: self.ptr,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
+    }
+}
+
+/// Memory order of a product's output.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Order {
+    /// Row-major `[m, n]`.
+    Rows,
+    /// Column-major: the buffer is a row-major `[n, m]`, the tensor its transpose.
+    Columns,
+}
+
+/// `a b` (`[m, k] x [k, n]`) as a new f32 tensor laid out in `order`, the operands' values read
+/// through their strides (`a` and `b` must stay alive while it runs; they are borrowed here by
+/// the caller).
+fn product(a: Operand, b: Operand, [m, k, n]: [usize; 3], order: Order) -> FlexTensor {
+    let len = m * n;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    if k == 0 {
+        out.resize(len, 0.0);
+    } else if len > 0 {
+        let (dst_rs, dst_cs) = match order {
+            Order::Rows => (n as isize, 1),
+            Order::Columns => (1, m as isize),
+        };
+        let parallelism = if m * n * k >= PARALLEL_FROM {
+            gemm::Parallelism::Rayon(0)
+        } else {
+            gemm::Parallelism::None
+        };
+        let spare: &mut [MaybeUninit<f32>] = &mut out.spare_capacity_mut()[..len];
+        // SAFETY: `dst` has room for `m x n` elements at the given strides, and with
+        // `read_dst = false` the GEMM writes every one of them without reading it (k > 0);
+        // `a` and `b` point at `[m, k]` and `[k, n]` readable elements at their strides.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                spare.as_mut_ptr().cast::<f32>(),
+                dst_cs,
+                dst_rs,
+                false,
+                a.ptr,
+                a.col_stride,
+                a.row_stride,
+                b.ptr,
+                b.col_stride,
+                b.row_stride,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+            out.set_len(len);
+        }
+    }
+    let layout = match order {
+        Order::Rows => Layout::contiguous([m, n].into()),
+        Order::Columns => Layout::new([m, n].into(), vec![1, m as isize], 0),
+    };
+    FlexTensor::new(Bytes::from_elems(out), layout, DType::F32)
+}
+
+/// `x w` for 2-D f32 tensors of any strides, row-major; `None` for other dtypes or ranks.
+pub(super) fn matmul(x: &FlexTensor, w: &FlexTensor) -> Option<FlexTensor> {
+    let (a, b) = (Operand::of(x)?, Operand::of(w)?);
+    let ([m, k], [k2, n]) = (
+        x.layout().shape().dims::<2>(),
+        w.layout().shape().dims::<2>(),
+    );
+    assert_eq!(k, k2, "matmul: [{m}, {k}] x [{k2}, {n}]");
+    Some(product(a, b, [m, k, n], Order::Rows))
+}
+
+/// The backward of [`matmul_autodiff`]: `∂/∂x = g wᵀ` and `∂/∂w = xᵀ g`, each one GEMM into a
+/// new buffer. `∂/∂w` takes the memory order of `w` (the tied LM head's `w` is the transpose of
+/// the embedding), so that the gradient reaching the parameter is row-major.
+#[derive(Debug)]
+struct MatmulBackward;
+
+impl Backward<Flex, 2> for MatmulBackward {
+    /// `x` and `w` (2-D f32).
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [p_x, p_w] = ops.parents;
+        let g = grads.consume::<Flex>(&ops.node);
+        let (x, w) = ops.state;
+        let ([m, k], [_, n]) = (
+            x.layout().shape().dims::<2>(),
+            w.layout().shape().dims::<2>(),
+        );
+        let go = Operand::of(&g).expect("the gradient of a 2-D f32 product is 2-D f32");
+        let (xo, wo) = (
+            Operand::of(&x).expect("2-D f32"),
+            Operand::of(&w).expect("2-D f32"),
+        );
+        if let Some(p) = p_x {
+            grads.register::<Flex>(p.id, product(go, wo.t(), [m, n, k], Order::Rows));
+        }
+        if let Some(p) = p_w {
+            let order = if w.layout().strides()[0] == 1 && n > 1 {
+                Order::Columns
+            } else {
+                Order::Rows
+            };
+            grads.register::<Flex>(p.id, product(xo.t(), go, [k, m, n], order));
+        }
+    }
+}
+
+/// `x w` under `Autodiff<Flex>` as one op whose backward is two GEMMs (see [`MatmulBackward`]);
+/// burn's `matmul` for other dtypes.
+pub(super) fn matmul_autodiff(
+    x: Tensor<Autodiff<Flex>, 2>,
+    w: Tensor<Autodiff<Flex>, 2>,
+) -> Tensor<Autodiff<Flex>, 2> {
+    type AD = Autodiff<Flex>;
+    let (xa, wa) = (x.into_primitive().tensor(), w.into_primitive().tensor());
+    let Some(out) = matmul(&xa.primitive, &wa.primitive) else {
+        let f = |t| Tensor::<AD, 2>::from_primitive(TensorPrimitive::Float(t));
+        return f(xa).matmul(f(wa));
+    };
+    let out = match MatmulBackward
+        .prepare::<NoCheckpointing>([xa.node.clone(), wa.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((xa.primitive, wa.primitive), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Tensor::<AD, 2>::from_primitive(TensorPrimitive::Float(out))
+}
