@@ -136,6 +136,8 @@ pub struct RopeTables<B: Backend> {
     k: (Tensor<B, 3>, Tensor<B, 3>),
     /// `[head_dim, head_dim]`: `x @ rot == rotate_half(x)` on the rotary dims, 0 elsewhere.
     rot: Tensor<B, 2>,
+    /// Rotated pairs per head (`rotary_dim / 2`).
+    half: usize,
 }
 
 impl Rope {
@@ -194,24 +196,18 @@ impl Rope {
             q: (per_heads(&cos, heads), per_heads(&sin, heads)),
             k: (per_heads(&cos, kv_heads), per_heads(&sin, kv_heads)),
             rot: Tensor::from_data(TensorData::new(rot, [hd, hd]), dev),
+            half,
         }
     }
 
     /// Rotate the projections `x` (`[batch, seq, heads * head_dim]`) by the angles in
-    /// `(cos, sin)` (one of [`RopeTables`]' pairs).
+    /// `(cos, sin)` (one of `tables`' pairs, see [`fused::rope`]).
     pub fn apply<B: Backend>(
         x: Tensor<B, 3>,
         (cos, sin): &(Tensor<B, 3>, Tensor<B, 3>),
-        rot: &Tensor<B, 2>,
+        tables: &RopeTables<B>,
     ) -> Tensor<B, 3> {
-        let [b, s, width] = x.dims();
-        let hd = rot.dims()[0];
-        let rotated = x
-            .clone()
-            .reshape([b * s * (width / hd), hd])
-            .matmul(rot.clone())
-            .reshape([b, s, width]);
-        x * cos.clone() + rotated * sin.clone()
+        fused::rope(x, (cos, sin), &tables.rot, tables.half)
     }
 }
 
@@ -360,8 +356,8 @@ impl<B: Backend> Attention<B> {
         let [b, s, _] = x.dims();
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // RoPE on the projections, then [batch, seq, heads, head_dim] -> [batch, heads, seq, head_dim]
-        let q = Rope::apply(self.q_proj.forward(x.clone()), &rope.q, &rope.rot);
-        let k = Rope::apply(self.k_proj.forward(x.clone()), &rope.k, &rope.rot);
+        let q = Rope::apply(self.q_proj.forward(x.clone()), &rope.q, rope);
+        let k = Rope::apply(self.k_proj.forward(x.clone()), &rope.k, rope);
         let q = fused::swap_heads(q.reshape([b, s, h, hd]));
         let k = fused::swap_heads(k.reshape([b, s, kvh, hd]));
         let v = fused::swap_heads(self.v_proj.forward(x).reshape([b, s, kvh, hd]));

@@ -60,6 +60,19 @@ fn dense(t: FlexTensor) -> FlexTensor {
     }
 }
 
+/// A new zero-filled f32 tensor of `shape`, for a kernel to write.
+///
+/// `FlexTensor::empty` zero-fills a byte vector and then copies it into an aligned one; an f32
+/// vector needs no copy.
+fn zeros_f32(shape: burn::tensor::Shape) -> FlexTensor {
+    let n = shape.num_elements();
+    FlexTensor::new(
+        burn::tensor::Bytes::from_elems(vec![0f32; n]),
+        burn::backend::flex::Layout::contiguous(shape),
+        DType::F32,
+    )
+}
+
 pub fn silu_mul<B: Backend, const D: usize>(
     gate: Tensor<B, D>,
     up: Tensor<B, D>,
@@ -161,7 +174,7 @@ fn silu_mul_autodiff<B: Backend, const D: usize>(
         return Ok(back(silu(f(ga)) * f(ua)));
     }
     let n = gp.layout().num_elements();
-    let mut out = FlexTensor::empty(gp.layout().shape().clone(), DType::F32);
+    let mut out = zeros_f32(gp.layout().shape().clone());
     silu_mul_into(
         &mut out.storage_mut::<f32>()[..n],
         &gp.storage::<f32>()[..n],
@@ -194,7 +207,7 @@ fn rms_norm_forward(x: &FlexTensor, w: &FlexTensor, eps: f64) -> Option<(FlexTen
         return None;
     }
     let n = x.layout().num_elements();
-    let mut out = FlexTensor::empty(x.layout().shape().clone(), DType::F32);
+    let mut out = zeros_f32(x.layout().shape().clone());
     let (x, w, eps) = (
         &x.storage::<f32>()[..n],
         &w.storage::<f32>()[..d],
@@ -339,6 +352,144 @@ fn rms_norm_autodiff<B: Backend>(
     )))
 }
 
+/// Rotary embedding of rows of `heads * head_dim` values, each head in the rotate-half layout
+/// with `half` rotated pairs: `out = x cos + rotate_half(x) sin`, or with `backward` its
+/// transpose, `out = x cos - rotate_half(x sin)` (the gradient, for `x` the incoming gradient),
+/// rows in parallel.
+fn rope_into(
+    out: &mut [f32],
+    x: &[f32],
+    (cos, sin): (&[f32], &[f32]),
+    (head_dim, half): (usize, usize),
+    backward: bool,
+) {
+    let rows = rows_per_task(head_dim) * head_dim;
+    out.par_chunks_mut(rows)
+        .zip(x.par_chunks(rows))
+        .zip(cos.par_chunks(rows).zip(sin.par_chunks(rows)))
+        .for_each(|((out, x), (cos, sin))| {
+            let heads = out
+                .chunks_mut(head_dim)
+                .zip(x.chunks(head_dim))
+                .zip(cos.chunks(head_dim).zip(sin.chunks(head_dim)));
+            for ((o, x), (c, s)) in heads {
+                for (j, o) in o.iter_mut().enumerate() {
+                    *o = x[j] * c[j];
+                }
+                for j in 0..half {
+                    let (a, b) = (x[j], x[j + half]);
+                    if backward {
+                        o[j] += b * s[j + half];
+                        o[j + half] -= a * s[j];
+                    } else {
+                        o[j] -= b * s[j];
+                        o[j + half] += a * s[j + half];
+                    }
+                }
+            }
+        });
+}
+
+/// The backward of [`rope`] under `Autodiff<Flex>`: the transposed rotation of the gradient.
+#[derive(Debug)]
+struct RopeBackward;
+
+impl Backward<Flex, 1> for RopeBackward {
+    /// The `cos` and `sin` tables (dense f32, the shape of `x`), `head_dim` and `half`.
+    type State = (FlexTensor, FlexTensor, usize, usize);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let g = dense(grads.consume::<Flex>(&ops.node));
+        if let Some(parent) = parent {
+            let (cos, sin, head_dim, half) = ops.state;
+            let n = g.layout().num_elements();
+            let mut dx = zeros_f32(g.layout().shape().clone());
+            rope_into(
+                &mut dx.storage_mut::<f32>()[..n],
+                &g.storage::<f32>()[..n],
+                (&cos.storage::<f32>()[..n], &sin.storage::<f32>()[..n]),
+                (head_dim, half),
+                true,
+            );
+            grads.register::<Flex>(parent.id, dx);
+        }
+    }
+}
+
+/// `x cos + rotate_half(x) sin` on flex, plain or under autodiff (one pass forward and one
+/// backward); the inputs back unchanged elsewhere, or unless `x`, `cos` and `sin` are dense f32
+/// of one shape whose last dim is a multiple of `head_dim`, with `2 half <= head_dim`.
+pub fn rope<B: Backend>(
+    x: Tensor<B, 3>,
+    (cos, sin): (&Tensor<B, 3>, &Tensor<B, 3>),
+    (head_dim, half): (usize, usize),
+) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
+    type AD = Autodiff<Flex>;
+    let table = |t: &Tensor<B, 3>| -> Option<FlexTensor> {
+        let t = t.clone();
+        let t = match cast::<_, Tensor<Flex, 3>>(t) {
+            Ok(t) => t,
+            Err(t) => cast::<_, Tensor<AD, 3>>(t).ok()?.inner(),
+        };
+        Some(t.into_primitive().tensor())
+    };
+    let (Some(c), Some(s)) = (table(cos), table(sin)) else {
+        return Err(x);
+    };
+    let fits = |t: &FlexTensor| {
+        let dims = t.layout().shape().dims::<3>();
+        dense_f32(t) && dims == c.layout().shape().dims::<3>() && dims[2] % head_dim.max(1) == 0
+    };
+    if head_dim == 0 || 2 * half > head_dim || !fits(&c) || !fits(&s) {
+        return Err(x);
+    }
+    let run = |x: &FlexTensor| -> Option<FlexTensor> {
+        if !fits(x) {
+            return None;
+        }
+        let n = x.layout().num_elements();
+        let mut out = zeros_f32(x.layout().shape().clone());
+        rope_into(
+            &mut out.storage_mut::<f32>()[..n],
+            &x.storage::<f32>()[..n],
+            (&c.storage::<f32>()[..n], &s.storage::<f32>()[..n]),
+            (head_dim, half),
+            false,
+        );
+        Some(out)
+    };
+    let x = match cast::<_, Tensor<Flex, 3>>(x) {
+        Ok(x) => {
+            let xp = x.clone().into_primitive().tensor();
+            return match run(&xp) {
+                Some(out) => Ok(back(Tensor::<Flex, 3>::from_primitive(
+                    TensorPrimitive::Float(out),
+                ))),
+                None => Err(back(x)),
+            };
+        }
+        Err(x) => x,
+    };
+    let xa = cast::<_, Tensor<AD, 3>>(x)?.into_primitive().tensor();
+    let Some(out) = run(&xa.primitive) else {
+        return Err(back(Tensor::<AD, 3>::from_primitive(
+            TensorPrimitive::Float(xa),
+        )));
+    };
+    let out = match RopeBackward
+        .prepare::<NoCheckpointing>([xa.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((c, s, head_dim, half), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Ok(back(Tensor::<AD, 3>::from_primitive(
+        TensorPrimitive::Float(out),
+    )))
+}
+
 pub fn matmul<B: Backend>(
     x: Tensor<B, 2>,
     w: Tensor<B, 2>,
@@ -371,7 +522,7 @@ fn swap_dims_1_2(x: FlexTensor) -> Result<FlexTensor, FlexTensor> {
     }
     let x = dense(x);
     let [a, b, c, d] = x.layout().shape().dims::<4>();
-    let mut out = FlexTensor::empty([a, c, b, d].into(), DType::F32);
+    let mut out = zeros_f32([a, c, b, d].into());
     let src = &x.storage::<f32>()[..a * b * c * d];
     // One task per output row `(i, k)`: its `b` runs of `d` come from rows `(i, j, k)`.
     out.storage_mut::<f32>()[..a * b * c * d]
@@ -487,7 +638,7 @@ fn cast_attention<B: Backend, T: Backend>(
     }
 }
 
-/// Attention as two batched GEMMs (flex spreads the batch over the pool) around a masked
+/// Attention as two batched GEMMs (the matrices spread over the pool) around a masked
 /// softmax done in place, rows in parallel.
 pub fn attention<B: Backend>(
     q: Tensor<B, 4>,
@@ -500,7 +651,7 @@ pub fn attention<B: Backend>(
         Err((q, k, v, mask)) => return attention_autodiff(q, k, v, mask),
     };
     match attention_probs(&q, &k, &mask) {
-        Some(probs) => Ok(back(probs.matmul(v))),
+        Some(probs) => Ok(back(bmm(&probs, false, &v, false))),
         None => Ok(back(module::attention(
             q,
             k,
@@ -509,6 +660,25 @@ pub fn attention<B: Backend>(
             None,
             AttentionModuleOptions::default(),
         ))),
+    }
+}
+
+/// `a b` per matrix of `[b0, b1, ., .]` tensors, `a` and `b` transposed first where asked (a
+/// view, not a copy): [`product::batched`], or flex's `matmul` for other dtypes.
+fn bmm(a: &Tensor<Flex, 4>, a_t: bool, b: &Tensor<Flex, 4>, b_t: bool) -> Tensor<Flex, 4> {
+    let prim = |t: &Tensor<Flex, 4>| t.clone().into_primitive().tensor();
+    match product::batched(&prim(a), a_t, &prim(b), b_t) {
+        Some(y) => Tensor::from_primitive(TensorPrimitive::Float(y)),
+        None => {
+            let view = |t: &Tensor<Flex, 4>, tr| {
+                if tr {
+                    t.clone().swap_dims(2, 3)
+                } else {
+                    t.clone()
+                }
+            };
+            view(a, a_t).matmul(view(b, b_t))
+        }
     }
 }
 
@@ -525,7 +695,7 @@ fn attention_probs(
     mask: &Tensor<Flex, 4, Bool>,
 ) -> Option<Tensor<Flex, 4>> {
     let keys = k.dims()[2];
-    let scores = q.clone().matmul(k.clone().swap_dims(2, 3));
+    let scores = bmm(q, false, k, true);
     let n = scores.shape().num_elements();
     let mut s = scores.into_primitive().tensor();
     let m = mask.clone().into_primitive();
@@ -564,12 +734,12 @@ impl Backward<Flex, 3> for AttentionBackward {
         let (q, k, v, probs) = ops.state;
         let (q, k, v, probs) = (t(q), t(k), t(v), t(probs));
         if let Some(p) = p_v {
-            let dv = probs.clone().swap_dims(2, 3).matmul(g.clone());
+            let dv = bmm(&probs, true, &g, false);
             grads.register::<Flex>(p.id, dv.into_primitive().tensor());
         }
         let scale = attention_scale(&q);
         let keys = k.dims()[2];
-        let mut ds = dense(g.matmul(v.swap_dims(2, 3)).into_primitive().tensor());
+        let mut ds = dense(bmm(&g, false, &v, true).into_primitive().tensor());
         let n = ds.layout().num_elements();
         let probs = probs.into_primitive().tensor();
         let rows = rows_per_task(keys) * keys;
@@ -586,11 +756,11 @@ impl Backward<Flex, 3> for AttentionBackward {
             });
         let ds = t(ds);
         if let Some(p) = p_q {
-            let dq = ds.clone().matmul(k);
+            let dq = bmm(&ds, false, &k, false);
             grads.register::<Flex>(p.id, dq.into_primitive().tensor());
         }
         if let Some(p) = p_k {
-            let dk = ds.swap_dims(2, 3).matmul(q);
+            let dk = bmm(&ds, true, &q, false);
             grads.register::<Flex>(p.id, dk.into_primitive().tensor());
         }
     }
@@ -613,7 +783,7 @@ fn attention_autodiff<B: Backend>(
         let out = module::attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
         return Ok(back(out));
     };
-    let out = probs.clone().matmul(vi.clone()).into_primitive().tensor();
+    let out = bmm(&probs, false, &vi, false).into_primitive().tensor();
     let (qa, ka, va) = (
         q.into_primitive().tensor(),
         k.into_primitive().tensor(),

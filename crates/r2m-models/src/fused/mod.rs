@@ -72,6 +72,35 @@ pub fn matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
     x.matmul(w)
 }
 
+/// Rotary position embedding in HF's rotate-half layout: `x cos + rotate_half(x) sin`, per head
+/// of `head_dim` values of which the first `2 half` rotate in pairs `(j, j + half)`.
+///
+/// # Shapes
+/// - `x`, `cos`, `sin`: `[batch, seq, heads * head_dim]` (the tables repeated per head; cos 1 and
+///   sin 0 on dims that do not rotate)
+/// - `rot`: `[head_dim, head_dim]`, `x @ rot == rotate_half(x)` per head (0 past `2 half`)
+/// - returns `[batch, seq, heads * head_dim]`
+pub fn rope<B: Backend>(
+    x: Tensor<B, 3>,
+    (cos, sin): (&Tensor<B, 3>, &Tensor<B, 3>),
+    rot: &Tensor<B, 2>,
+    half: usize,
+) -> Tensor<B, 3> {
+    let head_dim = rot.dims()[0];
+    #[cfg(feature = "flex")]
+    let x = match flex::rope(x, (cos, sin), (head_dim, half)) {
+        Ok(out) => return out,
+        Err(x) => x,
+    };
+    let [b, s, width] = x.dims();
+    let rotated = x
+        .clone()
+        .reshape([b * s * (width / head_dim), head_dim])
+        .matmul(rot.clone())
+        .reshape([b, s, width]);
+    x * cos.clone() + rotated * sin.clone()
+}
+
 /// `x.swap_dims(1, 2)` as a contiguous tensor: `[batch, seq, heads, head_dim]` to `[batch, heads,
 /// seq, head_dim]` before attention, and back after it.
 ///

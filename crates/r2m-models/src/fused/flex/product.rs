@@ -188,3 +188,112 @@ pub(super) fn matmul_autodiff(
     };
     Tensor::<AD, 2>::from_primitive(TensorPrimitive::Float(out))
 }
+
+/// A 4-D f32 tensor `[b0, b1, rows, cols]` as `b0 x b1` matrices: each one's [`Operand`] (with
+/// rows and columns swapped when `transposed`).
+struct Batch {
+    first: Operand,
+    dims: [usize; 4],
+    strides: [isize; 4],
+}
+
+// SAFETY: the pointers in a `Batch` are only read, while the tensor they point into is borrowed
+// by the caller of `batched`.
+unsafe impl Sync for Batch {}
+
+impl Batch {
+    fn of(t: &FlexTensor, transposed: bool) -> Option<Self> {
+        let l = t.layout();
+        if t.dtype() != DType::F32 || l.num_dims() != 4 {
+            return None;
+        }
+        let s = l.strides();
+        let mut first = Operand {
+            // SAFETY: `start_offset` is within the buffer of a valid tensor.
+            ptr: unsafe { t.storage::<f32>().as_ptr().add(l.start_offset()) },
+            row_stride: s[2],
+            col_stride: s[3],
+        };
+        let mut dims = l.shape().dims::<4>();
+        if transposed {
+            first = first.t();
+            dims.swap(2, 3);
+        }
+        Some(Self {
+            first,
+            dims,
+            strides: [s[0], s[1], 0, 0],
+        })
+    }
+
+    /// The `i`-th matrix (row-major order over the two batch dims).
+    fn matrix(&self, i: usize) -> Operand {
+        let (i0, i1) = (i / self.dims[1], i % self.dims[1]);
+        let offset = i0 as isize * self.strides[0] + i1 as isize * self.strides[1];
+        Operand {
+            // SAFETY: `i < b0 * b1`, so the offset stays within the tensor.
+            ptr: unsafe { self.first.ptr.offset(offset) },
+            ..self.first
+        }
+    }
+}
+
+/// `a b` per matrix of two `[b0, b1, ., .]` f32 tensors (each transposed first where asked),
+/// the matrices in parallel, each GEMM on one thread, into one new row-major output; `None` for
+/// other dtypes, ranks or batch shapes.
+pub(super) fn batched(
+    a: &FlexTensor,
+    a_transposed: bool,
+    b: &FlexTensor,
+    b_transposed: bool,
+) -> Option<FlexTensor> {
+    let (a, b) = (Batch::of(a, a_transposed)?, Batch::of(b, b_transposed)?);
+    let ([b0, b1, m, k], [b0_, b1_, k_, n]) = (a.dims, b.dims);
+    if (b0, b1, k) != (b0_, b1_, k_) {
+        return None;
+    }
+    let (count, size) = (b0 * b1, m * n);
+    let mut out: Vec<f32> = Vec::with_capacity(count * size);
+    if k == 0 || size == 0 {
+        out.resize(count * size, 0.0);
+    } else {
+        out.spare_capacity_mut()[..count * size]
+            .par_chunks_mut(size)
+            .enumerate()
+            .for_each(|(i, dst)| {
+                let (x, y) = (a.matrix(i), b.matrix(i));
+                // SAFETY: as in `product`: `dst` holds `m x n` elements, all written (k > 0)
+                // and none read; `x` and `y` are `[m, k]` and `[k, n]` readable matrices.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        dst.as_mut_ptr().cast::<f32>(),
+                        1,
+                        n as isize,
+                        false,
+                        x.ptr,
+                        x.col_stride,
+                        x.row_stride,
+                        y.ptr,
+                        y.col_stride,
+                        y.row_stride,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            });
+        // SAFETY: every chunk was written above.
+        unsafe { out.set_len(count * size) };
+    }
+    Some(FlexTensor::new(
+        Bytes::from_elems(out),
+        Layout::contiguous([b0, b1, m, n].into()),
+        DType::F32,
+    ))
+}
