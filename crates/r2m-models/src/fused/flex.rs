@@ -390,6 +390,25 @@ fn rope_into(
         });
 }
 
+/// [`rope_into`] of `x` (dense f32, the shape of the tables) into a new tensor.
+fn rope_of(
+    x: &FlexTensor,
+    (cos, sin): (&FlexTensor, &FlexTensor),
+    dims: (usize, usize),
+    backward: bool,
+) -> FlexTensor {
+    let n = x.layout().num_elements();
+    let mut out = zeros_f32(x.layout().shape().clone());
+    rope_into(
+        &mut out.storage_mut::<f32>()[..n],
+        &x.storage::<f32>()[..n],
+        (&cos.storage::<f32>()[..n], &sin.storage::<f32>()[..n]),
+        dims,
+        backward,
+    );
+    out
+}
+
 /// The backward of [`rope`] under `Autodiff<Flex>`: the transposed rotation of the gradient.
 #[derive(Debug)]
 struct RopeBackward;
@@ -403,15 +422,7 @@ impl Backward<Flex, 1> for RopeBackward {
         let g = dense(grads.consume::<Flex>(&ops.node));
         if let Some(parent) = parent {
             let (cos, sin, head_dim, half) = ops.state;
-            let n = g.layout().num_elements();
-            let mut dx = zeros_f32(g.layout().shape().clone());
-            rope_into(
-                &mut dx.storage_mut::<f32>()[..n],
-                &g.storage::<f32>()[..n],
-                (&cos.storage::<f32>()[..n], &sin.storage::<f32>()[..n]),
-                (head_dim, half),
-                true,
-            );
+            let dx = rope_of(&g, (&cos, &sin), (head_dim, half), true);
             grads.register::<Flex>(parent.id, dx);
         }
     }
@@ -448,16 +459,7 @@ pub fn rope<B: Backend>(
         if !fits(x) {
             return None;
         }
-        let n = x.layout().num_elements();
-        let mut out = zeros_f32(x.layout().shape().clone());
-        rope_into(
-            &mut out.storage_mut::<f32>()[..n],
-            &x.storage::<f32>()[..n],
-            (&c.storage::<f32>()[..n], &s.storage::<f32>()[..n]),
-            (head_dim, half),
-            false,
-        );
-        Some(out)
+        Some(rope_of(x, (&c, &s), (head_dim, half), false))
     };
     let x = match cast::<_, Tensor<Flex, 3>>(x) {
         Ok(x) => {

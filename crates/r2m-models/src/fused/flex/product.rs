@@ -64,16 +64,55 @@ pub(super) enum Order {
     Columns,
 }
 
+/// `dst = a b` (`[m, k] x [k, n]`), `dst`'s rows and columns `dst_strides` apart.
+///
+/// # Safety
+/// `dst` must have room for `m x n` elements at those strides (they are all written, none read,
+/// when `k > 0`), and `a` and `b` must point at `[m, k]` and `[k, n]` readable elements at theirs.
+unsafe fn gemm_into(
+    dst: *mut f32,
+    dst_strides: (isize, isize),
+    a: Operand,
+    b: Operand,
+    [m, k, n]: [usize; 3],
+    parallelism: gemm::Parallelism,
+) {
+    let (dst_rs, dst_cs) = dst_strides;
+    // SAFETY: the caller's guarantees; `read_dst = false` makes `dst` write-only.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_cs,
+            dst_rs,
+            false,
+            a.ptr,
+            a.col_stride,
+            a.row_stride,
+            b.ptr,
+            b.col_stride,
+            b.row_stride,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
 /// `a b` (`[m, k] x [k, n]`) as a new f32 tensor laid out in `order`, the operands' values read
-/// through their strides (`a` and `b` must stay alive while it runs; they are borrowed here by
-/// the caller).
+/// through their strides (the tensors they point into are borrowed by the caller while it runs).
 fn product(a: Operand, b: Operand, [m, k, n]: [usize; 3], order: Order) -> FlexTensor {
     let len = m * n;
     let mut out: Vec<f32> = Vec::with_capacity(len);
     if k == 0 {
         out.resize(len, 0.0);
     } else if len > 0 {
-        let (dst_rs, dst_cs) = match order {
+        let dst_strides = match order {
             Order::Rows => (n as isize, 1),
             Order::Columns => (1, m as isize),
         };
@@ -83,29 +122,15 @@ fn product(a: Operand, b: Operand, [m, k, n]: [usize; 3], order: Order) -> FlexT
             gemm::Parallelism::None
         };
         let spare: &mut [MaybeUninit<f32>] = &mut out.spare_capacity_mut()[..len];
-        // SAFETY: `dst` has room for `m x n` elements at the given strides, and with
-        // `read_dst = false` the GEMM writes every one of them without reading it (k > 0);
-        // `a` and `b` point at `[m, k]` and `[k, n]` readable elements at their strides.
+        // SAFETY: `spare` holds `m x n` elements, all of which the GEMM writes (k > 0); `a` and
+        // `b` are the caller's `[m, k]` and `[k, n]` operands.
         unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
+            gemm_into(
                 spare.as_mut_ptr().cast::<f32>(),
-                dst_cs,
-                dst_rs,
-                false,
-                a.ptr,
-                a.col_stride,
-                a.row_stride,
-                b.ptr,
-                b.col_stride,
-                b.row_stride,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
+                dst_strides,
+                a,
+                b,
+                [m, k, n],
                 parallelism,
             );
             out.set_len(len);
@@ -261,29 +286,15 @@ pub(super) fn batched(
             .par_chunks_mut(size)
             .enumerate()
             .for_each(|(i, dst)| {
-                let (x, y) = (a.matrix(i), b.matrix(i));
-                // SAFETY: as in `product`: `dst` holds `m x n` elements, all written (k > 0)
-                // and none read; `x` and `y` are `[m, k]` and `[k, n]` readable matrices.
+                // SAFETY: `dst` holds `m x n` elements, all written (k > 0); the `i`-th
+                // matrices of `a` and `b` are `[m, k]` and `[k, n]` within their tensors.
                 unsafe {
-                    gemm::gemm(
-                        m,
-                        n,
-                        k,
+                    gemm_into(
                         dst.as_mut_ptr().cast::<f32>(),
-                        1,
-                        n as isize,
-                        false,
-                        x.ptr,
-                        x.col_stride,
-                        x.row_stride,
-                        y.ptr,
-                        y.col_stride,
-                        y.row_stride,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
+                        (n as isize, 1),
+                        a.matrix(i),
+                        b.matrix(i),
+                        [m, k, n],
                         gemm::Parallelism::None,
                     );
                 }
