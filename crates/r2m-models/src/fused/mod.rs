@@ -1,6 +1,6 @@
 //! The CPU hot spots as single functions, each with a faster kernel for flex.
 //!
-//! [`silu_mul`] (SwiGLU's gating), [`rms_norm`], [`attention`], [`matmul`] and
+//! [`silu_mul`] (SwiGLU's gating), [`rms_norm`], [`rope`], [`attention`], [`matmul`] and
 //! [`write_positions`] (the KV cache update) are written once with burn tensor ops, which every
 //! backend runs. With the `flex` feature a plain `Flex` tensor (inference: generation, log-probs
 //! without gradients, reward scoring) takes a kernel here instead, because burn-flex 0.21 leaves a
@@ -15,12 +15,12 @@
 //! - every GEMM output is zero-filled and then copied once more before the GEMM writes it;
 //!   [`matmul`] calls the same `gemm` crate into a buffer it leaves uninitialized.
 //!
-//! In training (`Autodiff<Flex>`) [`matmul`], [`rms_norm`], [`silu_mul`], [`attention`],
-//! [`swap_heads`] and [`token_log_probs`] (log-softmax + gather over the vocabulary) are custom
-//! autodiff ops, each a forward pass and a backward pass of its own in place of burn's chain of
-//! single-threaded ops (for [`matmul`]: two GEMMs straight into new buffers); and [`adamw`] is the
-//! optimizer's update in one pass. Both paths of every
-//! function compute the same thing: the tests (`fused/tests.rs`) hold them, and their gradients,
+//! In training (`Autodiff<Flex>`) [`matmul`], [`rms_norm`], [`rope`], [`silu_mul`],
+//! [`attention`], [`swap_heads`] and [`token_log_probs`] (log-softmax + gather over the
+//! vocabulary) are custom autodiff ops, each a forward pass and a backward pass of its own in place
+//! of burn's chain of single-threaded ops (for [`matmul`]: two GEMMs straight into new buffers);
+//! and [`adamw`] is the optimizer's update in one pass. Both paths of every function compute the
+//! same thing: the tests (`fused/tests.rs`) hold them, and their gradients,
 //! to each other, and the SmolLM2 parity fixtures run through the kernels.
 
 use burn::optim::AdamWState;
