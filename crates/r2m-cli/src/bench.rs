@@ -29,9 +29,10 @@ pub enum Scenario {
     /// KV-cache generation: `--gen-prompt` random prompt tokens, exactly `--gen-new` new tokens,
     /// for each of `--gen-batches`, greedy and sampled.
     Generate,
-    /// The GEMMs of a training step at `batch x seq` tokens (GFLOP/s calibration): the MLP's,
-    /// attention projections' and LM head's products forward, and both of their gradients with
-    /// the transposed operands the backward pass hands over.
+    /// The GEMMs of a training step at `batch x seq` tokens (GFLOP/s calibration), through
+    /// `fused::matmul` as the model runs them: the MLP's, attention projections' and LM head's
+    /// products forward, and both of their gradients with the transposed operands the backward
+    /// pass hands over.
     Gemm,
     /// RL steps of the `--config` run, vanilla and R2M alternating on the same prompts, every
     /// response `max_new_tokens` long: per-step time split and the R2M / vanilla ratio.
@@ -306,9 +307,8 @@ fn bench_gemm<B: Backend>(
         let mut times = Vec::new();
         for r in 0..=reps.max(1) {
             let t0 = Instant::now();
-            let _ = x
-                .clone()
-                .matmul(w.clone())
+            // The product the model runs (`fused::matmul`: on flex the gemm crate directly).
+            let _ = fused::matmul(x.clone(), w.clone())
                 .narrow(0, 0, 1)
                 .sum()
                 .into_scalar();
