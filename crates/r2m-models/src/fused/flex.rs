@@ -437,6 +437,9 @@ pub fn rope<B: Backend>(
     (head_dim, half): (usize, usize),
 ) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
     type AD = Autodiff<Flex>;
+    if head_dim == 0 || 2 * half > head_dim {
+        return Err(x);
+    }
     let table = |t: &Tensor<B, 3>| -> Option<FlexTensor> {
         let t = t.clone();
         let t = match cast::<_, Tensor<Flex, 3>>(t) {
@@ -450,9 +453,9 @@ pub fn rope<B: Backend>(
     };
     let fits = |t: &FlexTensor| {
         let dims = t.layout().shape().dims::<3>();
-        dense_f32(t) && dims == c.layout().shape().dims::<3>() && dims[2] % head_dim.max(1) == 0
+        dense_f32(t) && dims == c.layout().shape().dims::<3>() && dims[2] % head_dim == 0
     };
-    if head_dim == 0 || 2 * half > head_dim || !fits(&c) || !fits(&s) {
+    if !fits(&c) || !fits(&s) {
         return Err(x);
     }
     let run = |x: &FlexTensor| -> Option<FlexTensor> {

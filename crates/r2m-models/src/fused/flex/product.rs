@@ -29,20 +29,25 @@ struct Operand {
 }
 
 impl Operand {
-    /// `t` as an operand, or `None` unless it is 2-D f32.
-    fn of(t: &FlexTensor) -> Option<Self> {
+    /// The last two dims of `t` (f32, of rank `rank`) as an operand at `t`'s first element, or
+    /// `None` for another dtype or rank.
+    fn first_of(t: &FlexTensor, rank: usize) -> Option<Self> {
         let l = t.layout();
-        if t.dtype() != DType::F32 || l.num_dims() != 2 {
+        if t.dtype() != DType::F32 || l.num_dims() != rank || rank < 2 {
             return None;
         }
-        let [rs, cs] = [l.strides()[0], l.strides()[1]];
-        // SAFETY: `start_offset` is within the buffer of a valid tensor.
-        let ptr = unsafe { t.storage::<f32>().as_ptr().add(l.start_offset()) };
+        let s = l.strides();
         Some(Self {
-            ptr,
-            row_stride: rs,
-            col_stride: cs,
+            // SAFETY: `start_offset` is within the buffer of a valid tensor.
+            ptr: unsafe { t.storage::<f32>().as_ptr().add(l.start_offset()) },
+            row_stride: s[rank - 2],
+            col_stride: s[rank - 1],
         })
+    }
+
+    /// `t` as an operand, or `None` unless it is 2-D f32.
+    fn of(t: &FlexTensor) -> Option<Self> {
+        Self::first_of(t, 2)
     }
 
     /// The transpose: the same elements with rows and columns swapped.
@@ -56,8 +61,8 @@ impl Operand {
 }
 
 /// Memory order of a product's output.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(super) enum Order {
+#[derive(Clone, Copy)]
+enum Order {
     /// Row-major `[m, n]`.
     Rows,
     /// Column-major: the buffer is a row-major `[n, m]`, the tensor its transpose.
@@ -219,7 +224,8 @@ pub(super) fn matmul_autodiff(
 struct Batch {
     first: Operand,
     dims: [usize; 4],
-    strides: [isize; 4],
+    /// Elements between consecutive matrices along `b0` and along `b1`.
+    batch_strides: [isize; 2],
 }
 
 // SAFETY: the pointers in a `Batch` are only read, while the tensor they point into is borrowed
@@ -228,33 +234,24 @@ unsafe impl Sync for Batch {}
 
 impl Batch {
     fn of(t: &FlexTensor, transposed: bool) -> Option<Self> {
-        let l = t.layout();
-        if t.dtype() != DType::F32 || l.num_dims() != 4 {
-            return None;
-        }
-        let s = l.strides();
-        let mut first = Operand {
-            // SAFETY: `start_offset` is within the buffer of a valid tensor.
-            ptr: unsafe { t.storage::<f32>().as_ptr().add(l.start_offset()) },
-            row_stride: s[2],
-            col_stride: s[3],
-        };
-        let mut dims = l.shape().dims::<4>();
+        let mut first = Operand::first_of(t, 4)?;
+        let mut dims = t.layout().shape().dims::<4>();
         if transposed {
             first = first.t();
             dims.swap(2, 3);
         }
+        let s = t.layout().strides();
         Some(Self {
             first,
             dims,
-            strides: [s[0], s[1], 0, 0],
+            batch_strides: [s[0], s[1]],
         })
     }
 
     /// The `i`-th matrix (row-major order over the two batch dims).
     fn matrix(&self, i: usize) -> Operand {
         let (i0, i1) = (i / self.dims[1], i % self.dims[1]);
-        let offset = i0 as isize * self.strides[0] + i1 as isize * self.strides[1];
+        let offset = i0 as isize * self.batch_strides[0] + i1 as isize * self.batch_strides[1];
         Operand {
             // SAFETY: `i < b0 * b1`, so the offset stays within the tensor.
             ptr: unsafe { self.first.ptr.offset(offset) },
