@@ -1,9 +1,11 @@
-//! The same generic model code on a second backend: WGPU (lavapipe on CPU-only machines) against
-//! the CPU backend.
+//! The same generic model code on a second backend: WGPU (lavapipe on CPU-only machines, with
+//! burn's kernel fusion when the workspace builds r2m-cli's default `fusion` feature) against the
+//! CPU backend, for inference and for a training step's gradients.
 
-use burn::backend::Wgpu;
-use burn::tensor::{Int, Tensor, TensorData};
-use r2m_models::{load_hf_dir, Padding};
+use burn::backend::{Autodiff, Wgpu};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use r2m_models::{fused, load_hf_dir, Padding};
 
 use crate::common::*;
 
@@ -32,4 +34,69 @@ fn wgpu_forward_matches_cpu_backend_on_tiny_llama3() {
         .unwrap();
     let max_diff = max_abs_diff(&got, &want);
     assert!(max_diff < 1e-3, "wgpu vs cpu: {max_diff}");
+}
+
+/// One training step's loss and gradients for `rows` (right-padded where `valid` says so): the
+/// mean log-probability of each next token, backpropagated through the whole tiny model. Returns
+/// the loss and the gradients of the embedding, layer 0's query and down projections and the
+/// final norm, flattened in that order.
+fn loss_and_gradients<B: AutodiffBackend>(
+    dev: &B::Device,
+    rows: &[Vec<i64>],
+    valid: &[Vec<bool>],
+) -> (f32, Vec<f32>) {
+    let dir = fixture_dir().join("tiny").join("tiny-llama3");
+    let model = load_hf_dir::<B>(&dir, dev).unwrap().model;
+    let (b, s) = (rows.len(), rows[0].len());
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(rows.concat(), [b, s]), dev);
+    let padding = Padding {
+        valid: valid.to_vec(),
+    };
+    let logits = model.forward(ids.clone(), &padding).logits;
+    let vocab = logits.dims()[2];
+    let logp = fused::token_log_probs(
+        logits.slice([0..b, 0..s - 1, 0..vocab]),
+        ids.slice([0..b, 1..s]),
+    );
+    let weights: Vec<f32> = valid
+        .iter()
+        .flat_map(|r| r[1..].iter().map(|&v| if v { 1.0 } else { 0.0 }))
+        .collect();
+    let n: f32 = weights.iter().sum();
+    let weights = Tensor::<B, 2>::from_data(TensorData::new(weights, [b, s - 1]), dev);
+    let loss = -(logp * weights).sum() / n;
+    let grads = loss.backward();
+    let layer = &model.layers[0];
+    let mut all = Vec::new();
+    for g in [
+        model.embed_tokens.grad(&grads).unwrap().into_data(),
+        layer.attn.q_proj.weight.grad(&grads).unwrap().into_data(),
+        layer.mlp.down_proj.weight.grad(&grads).unwrap().into_data(),
+        model.norm.weight.grad(&grads).unwrap().into_data(),
+    ] {
+        all.extend(g.convert::<f32>().to_vec::<f32>().unwrap());
+    }
+    (loss.into_scalar().elem::<f32>(), all)
+}
+
+#[test]
+fn wgpu_training_gradients_match_cpu_backend_on_tiny_llama3() {
+    // The second row is right-padded: its last two positions take no part in the loss.
+    let rows = [vec![5i64, 17, 99, 3, 42, 7, 11], vec![1, 2, 3, 4, 5, 6, 0]];
+    let valid = [
+        vec![true; 7],
+        vec![true, true, true, true, true, false, false],
+    ];
+    let (want_loss, want) = loss_and_gradients::<Autodiff<TB>>(&device(), &rows, &valid);
+    let (got_loss, got) = loss_and_gradients::<Autodiff<Wgpu>>(&Default::default(), &rows, &valid);
+    assert!(
+        (got_loss - want_loss).abs() < 1e-4,
+        "loss: wgpu {got_loss} vs cpu {want_loss}"
+    );
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let max_diff = max_abs_diff(&got, &want);
+    assert!(
+        scale > 1e-3 && max_diff < 1e-3 * scale,
+        "gradients: wgpu vs cpu differ by {max_diff} (largest {scale})"
+    );
 }

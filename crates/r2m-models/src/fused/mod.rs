@@ -24,10 +24,8 @@
 //! to each other, and the SmolLM2 parity fixtures run through the kernels.
 
 use burn::optim::AdamWState;
-use burn::tensor::activation::{log_softmax, silu};
+use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::module;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Int, Tensor};
 use r2m_core::tensor::{entropy, pick_targets};
 
@@ -141,6 +139,12 @@ pub fn write_positions<B: Backend>(
 
 /// Scaled dot-product attention, `softmax(q kᵀ / √head_dim, masked) v`.
 ///
+/// Other backends than flex compute it with tensor ops: the two products around a plain softmax.
+/// burn's own `attention` (whose fallback cubecl takes unless autotune is on) also clamps each
+/// row's max and sum so that fully masked rows give zeros instead of NaN: two comparisons and two
+/// masked fills more per layer, none of which burn's fusion merges. Our masks never mask a whole
+/// row (a padding query attends to itself), so the clamps are dropped here.
+///
 /// # Shapes
 /// - `q`: `[batch, heads, rows, head_dim]`; `k`, `v`: `[batch, heads, keys, head_dim]`
 /// - `mask`: `[batch, heads, rows, keys]`, `true` = may not attend; no row may be all `true`
@@ -156,7 +160,19 @@ pub fn attention<B: Backend>(
         Ok(out) => return out,
         Err(inputs) => inputs,
     };
-    module::attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
+    attention_ops(q, k, v, mask)
+}
+
+/// [`attention`] with tensor ops: what every backend but flex runs.
+fn attention_ops<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Tensor<B, 4, Bool>,
+) -> Tensor<B, 4> {
+    let head_dim = q.dims()[3];
+    let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (head_dim as f64).sqrt());
+    softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 3).matmul(v)
 }
 
 /// Log-probability of each target token under `logits`, `log_softmax(logits)[.., target]`.
