@@ -3,6 +3,7 @@
 # random weights (speed does not depend on their values, and no checkpoint has to be copied).
 #
 #   CUDARC_CUDA_VERSION=13000 cargo build --release -p r2m-cli --no-default-features --features cuda
+#   (or --features cuda-fusion: burn's kernel fusion; pass the plain `cuda` build as BASELINE_R2M)
 #   bash scripts/bench-gpu.sh target/release/r2m OUT_DIR [BASELINE_R2M]
 #
 # Run from the repository root (`r2m bench check` reads tests/fixtures). Writes OUT_DIR/*.txt
@@ -58,6 +59,9 @@ train "$R2M" bf16 989 2>&1 | tee -a "$OUT/r2m_bf16.txt"
 torch bf16 train --batch 8 --seq 128 2>&1 | tee -a "$OUT/torch_bf16.txt"
 torch bf16 train --batch 32 --seq 512 2>&1 | tee -a "$OUT/torch_bf16.txt"
 [ -n "$BASE" ] && gen "$BASE" bf16 64,8 1 2>&1 | as_baseline | tee "$OUT/base_bf16.txt"
+# Kernels per decoded token (batch 64, bf16), and which ones (scripts/count_kernels.sh).
+step 120 env MODEL="random:$CFG" bash "$HERE/count_kernels.sh" "$R2M" cuda 64 -- --dtype bf16 \
+  2>&1 | tee "$OUT/kernels.txt"
 step 90 "$R2M" --device cuda bench --model "random:$CFG" check 2>&1 | tee -a "$OUT/check.txt"
 gen "$R2M" f32 64,8 1 2>&1 | tee "$OUT/r2m_f32.txt"
 torch f32 generate --gen-batches 64,8 2>&1 | tee "$OUT/torch_f32.txt"
