@@ -1,6 +1,6 @@
-//! The same generic model code on a second backend: WGPU (lavapipe on CPU-only machines, with
-//! burn's kernel fusion when the workspace builds r2m-cli's default `fusion` feature) against the
-//! CPU backend, for inference and for a training step's gradients.
+//! The same generic model code on a second backend: WGPU (lavapipe on CPU-only machines), with
+//! burn's kernel fusion as r2m-cli's `wgpu` feature builds it, against the CPU backend, for
+//! inference and for a training step's gradients.
 
 use burn::backend::{Autodiff, Wgpu};
 use burn::tensor::backend::AutodiffBackend;
@@ -37,7 +37,7 @@ fn wgpu_forward_matches_cpu_backend_on_tiny_llama3() {
 }
 
 /// One training step's loss and gradients for `rows` (right-padded where `valid` says so): the
-/// mean log-probability of each next token, backpropagated through the whole tiny model. Returns
+/// mean negative log-probability of each next token, backpropagated through the whole tiny model. Returns
 /// the loss and the gradients of the embedding, layer 0's query and down projections and the
 /// final norm, flattened in that order.
 fn loss_and_gradients<B: AutodiffBackend>(
