@@ -21,6 +21,8 @@ shift $(( $# < 3 ? $# : 3 ))
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 cd "$WORK"
+# 4 generates (warm-up and timed, greedy and sampled) x (8 - 4) more tokens in the second run.
+STEPS=$(( 4 * (8 - 4) ))
 for n in 4 8; do
   printf '[profiling.logger]\nlevel = "minimal"\nfile = "%s/kernels-%s.log"\n' "$WORK" "$n" >cubecl.toml
   "$R2M" --device "$DEVICE" bench --model "$MODEL" generate --gen-batches "$BATCH" --gen-prompt 8 \
@@ -29,6 +31,6 @@ for n in 4 8; do
   sed -E 's/^Executing //; s/ \| (Wgpu|Cuda)Runtime.*//' "kernels-$n.log" | cut -d'|' -f1-2 |
     sort | uniq -c | awk '{c=$1; $1=""; print substr($0,2) "\t" c}' | sort >"hist-$n.txt"
 done
-echo "kernels per decoded token (batch $BATCH, $DEVICE): $(( ($(wc -l <kernels-8.log) - $(wc -l <kernels-4.log)) / 16 ))"
+echo "kernels per decoded token (batch $BATCH, $DEVICE): $(( ($(wc -l <kernels-8.log) - $(wc -l <kernels-4.log)) / STEPS ))"
 join -t $'\t' -a 2 -e 0 -o 0,1.2,2.2 hist-4.txt hist-8.txt |
-  awk -F'\t' '{d=($3-$2)/16; if (d>0) printf "%8.1f  %s\n", d, $1}' | sort -rn
+  awk -F'\t' -v steps="$STEPS" '{d=($3-$2)/steps; if (d>0) printf "%8.1f  %s\n", d, $1}' | sort -rn

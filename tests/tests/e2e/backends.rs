@@ -5,6 +5,7 @@
 use burn::backend::{Autodiff, Wgpu};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use r2m_core::tensor::masked_mean;
 use r2m_models::{fused, load_hf_dir, Padding};
 
 use crate::common::*;
@@ -58,13 +59,12 @@ fn loss_and_gradients<B: AutodiffBackend>(
         logits.slice([0..b, 0..s - 1, 0..vocab]),
         ids.slice([0..b, 1..s]),
     );
-    let weights: Vec<f32> = valid
+    let targets_valid: Vec<f32> = valid
         .iter()
         .flat_map(|r| r[1..].iter().map(|&v| if v { 1.0 } else { 0.0 }))
         .collect();
-    let n: f32 = weights.iter().sum();
-    let weights = Tensor::<B, 2>::from_data(TensorData::new(weights, [b, s - 1]), dev);
-    let loss = -(logp * weights).sum() / n;
+    let mask = Tensor::<B, 2>::from_data(TensorData::new(targets_valid, [b, s - 1]), dev);
+    let loss = -masked_mean(logp, mask);
     let grads = loss.backward();
     let layer = &model.layers[0];
     let mut all = Vec::new();
