@@ -130,14 +130,15 @@ pub struct Rope {
 /// tensors (broadcasting is a slow strided path on some CPU backends).
 #[derive(Debug, Clone)]
 pub struct RopeTables<B: Backend> {
-    /// `(cos, sin)` for the query heads; cos 1 and sin 0 on dims past `rotary_dim`.
+    /// `(cos, sin)` for the query heads, `sin` signed as [`fused::rope`] takes it; cos 1 and sin 0
+    /// on dims past `rotary_dim`.
     q: (Tensor<B, 3>, Tensor<B, 3>),
     /// The same for the key/value heads.
     k: (Tensor<B, 3>, Tensor<B, 3>),
-    /// `[head_dim, head_dim]`: `x @ rot == rotate_half(x)` on the rotary dims, 0 elsewhere.
-    rot: Tensor<B, 2>,
-    /// Rotated pairs per head (`rotary_dim / 2`).
-    half: usize,
+    /// The indices [`fused::rope`] reads the query heads by.
+    q_index: fused::RopeIndex<B>,
+    /// The same for the key/value heads.
+    k_index: fused::RopeIndex<B>,
 }
 
 impl Rope {
@@ -164,12 +165,13 @@ impl Rope {
         let mut sin = Vec::with_capacity(b * s * hd);
         for row in positions {
             for &p in row {
-                // f32 like transformers: freqs = inv_freq * position, emb = cat(freqs, freqs).
-                for _ in 0..2 {
+                // f32 like transformers: freqs = inv_freq * position, emb = cat(freqs, freqs);
+                // rotate_half's sign goes into sin (negative on the first half).
+                for sign in [-1.0, 1.0] {
                     for &f in &self.inv_freq {
                         let a = f * p as f32;
                         cos.push(a.cos());
-                        sin.push(a.sin());
+                        sin.push(sign * a.sin());
                     }
                 }
                 // Dims past rotary_dim pass through unchanged.
@@ -186,28 +188,22 @@ impl Rope {
             }
             Tensor::from_data(TensorData::new(v, [b, s, n * hd]), dev)
         };
-        // rotate_half(x) = cat(-x[half..rot], x[..half]) as a matrix.
-        let mut rot = vec![0f32; hd * hd];
-        for j in 0..half {
-            rot[(j + half) * hd + j] = -1.0;
-            rot[j * hd + j + half] = 1.0;
-        }
         RopeTables {
             q: (per_heads(&cos, heads), per_heads(&sin, heads)),
             k: (per_heads(&cos, kv_heads), per_heads(&sin, kv_heads)),
-            rot: Tensor::from_data(TensorData::new(rot, [hd, hd]), dev),
-            half,
+            q_index: fused::RopeIndex::new(heads, hd, half, dev),
+            k_index: fused::RopeIndex::new(kv_heads, hd, half, dev),
         }
     }
 
     /// Rotate the projections `x` (`[batch, seq, heads * head_dim]`) by the angles in
-    /// `(cos, sin)` (one of `tables`' pairs, see [`fused::rope`]).
+    /// `(cos, sin)`, read through `index` (one of `tables`' pairs, see [`fused::rope`]).
     pub fn apply<B: Backend>(
         x: Tensor<B, 3>,
         (cos, sin): &(Tensor<B, 3>, Tensor<B, 3>),
-        tables: &RopeTables<B>,
+        index: &fused::RopeIndex<B>,
     ) -> Tensor<B, 3> {
-        fused::rope(x, (cos, sin), &tables.rot, tables.half)
+        fused::rope(x, (cos, sin), index)
     }
 }
 
@@ -355,12 +351,20 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        // The three projections before either RoPE: under burn's fusion, ops that start with
+        // the key projection's reshape of x, recorded while the query's RoPE is still being
+        // fused, would run unfused, the key's RoPE included.
+        let (q, k, v) = (
+            self.q_proj.forward(x.clone()),
+            self.k_proj.forward(x.clone()),
+            self.v_proj.forward(x),
+        );
         // RoPE on the projections, then [batch, seq, heads, head_dim] -> [batch, heads, seq, head_dim]
-        let q = Rope::apply(self.q_proj.forward(x.clone()), &rope.q, rope);
-        let k = Rope::apply(self.k_proj.forward(x.clone()), &rope.k, rope);
+        let q = Rope::apply(q, &rope.q, &rope.q_index);
+        let k = Rope::apply(k, &rope.k, &rope.k_index);
         let q = fused::swap_heads(q.reshape([b, s, h, hd]));
         let k = fused::swap_heads(k.reshape([b, s, kvh, hd]));
-        let v = fused::swap_heads(self.v_proj.forward(x).reshape([b, s, kvh, hd]));
+        let v = fused::swap_heads(v.reshape([b, s, kvh, hd]));
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),

@@ -353,9 +353,9 @@ fn rms_norm_autodiff<B: Backend>(
 }
 
 /// Rotary embedding of rows of `heads * head_dim` values, each head in the rotate-half layout
-/// with `half` rotated pairs: `out = x cos + rotate_half(x) sin`, or with `backward` its
-/// transpose, `out = x cos - rotate_half(x sin)` (the gradient, for `x` the incoming gradient),
-/// rows in parallel.
+/// with `half` rotated pairs, `sin` signed as [`super::rope`] takes it: `out = x cos +
+/// partner(x) sin`, or with `backward` its transpose, `out = x cos + partner(x sin)` (the
+/// gradient, for `x` the incoming gradient), rows in parallel. `partner` swaps the halves.
 fn rope_into(
     out: &mut [f32],
     x: &[f32],
@@ -376,13 +376,15 @@ fn rope_into(
                 for (j, o) in o.iter_mut().enumerate() {
                     *o = x[j] * c[j];
                 }
+                // `s` carries rotate_half's sign (see [`super::rope`]); the backward pass
+                // applies the transposed rotation.
                 for j in 0..half {
                     let (a, b) = (x[j], x[j + half]);
                     if backward {
                         o[j] += b * s[j + half];
-                        o[j + half] -= a * s[j];
+                        o[j + half] += a * s[j];
                     } else {
-                        o[j] -= b * s[j];
+                        o[j] += b * s[j];
                         o[j + half] += a * s[j + half];
                     }
                 }

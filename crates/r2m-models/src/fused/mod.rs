@@ -26,7 +26,7 @@
 use burn::optim::AdamWState;
 use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Int, Tensor};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 use r2m_core::tensor::{entropy, pick_targets};
 
 /// `silu(gate) * up`, element-wise.
@@ -41,6 +41,9 @@ pub fn silu_mul<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>
 
 /// RMSNorm, `x / sqrt(mean(x², last dim) + eps) * weight` (Llama, Qwen2).
 ///
+/// Off flex the weight is reshaped first: under burn's fusion a reshape recorded between the
+/// divide and the product leaves both to run as kernels of their own; this way they are one.
+///
 /// # Shapes
 /// - `x`: `[batch, seq, hidden]`, `weight`: `[hidden]` -> `[batch, seq, hidden]`
 pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
@@ -49,8 +52,9 @@ pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, eps: f64) -> 
         Ok(out) => return out,
         Err(inputs) => inputs,
     };
+    let weight = weight.unsqueeze::<3>();
     let rms = (x.clone().square().mean_dim(2) + eps).sqrt();
-    x / rms * weight.unsqueeze::<3>()
+    x / rms * weight
 }
 
 /// `x w`: the linear layers and the tied LM head. On flex, a few rows of `x` (decoding: one row
@@ -70,33 +74,86 @@ pub fn matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
     x.matmul(w)
 }
 
-/// Rotary position embedding in HF's rotate-half layout: `x cos + rotate_half(x) sin`, per head
+/// Rotary position embedding in HF's rotate-half layout, `x cos + rotate_half(x) sin`, per head
 /// of `head_dim` values of which the first `2 half` rotate in pairs `(j, j + half)`.
 ///
+/// It is computed as `x cos + partner(x) sin`, where `partner` swaps a head's two rotated halves
+/// and the `sin` table carries rotate_half's sign: `-sin` on the first `half` values of a head,
+/// `sin` on the next `half`, 0 past `2 half` (where `cos` is 1).
+///
+/// Off flex that is two `select`s by [`RopeIndex`] and an element-wise sum, which burn's fusion
+/// can make into one kernel. `x` is read through `select` both times, `x cos` included, because
+/// a fused kernel cannot read one tensor both by index and element-wise. (A product by a
+/// rotation matrix, as this was written before, is a matmul kernel more per call.)
+///
 /// # Shapes
-/// - `x`, `cos`, `sin`: `[batch, seq, heads * head_dim]` (the tables repeated per head; cos 1 and
-///   sin 0 on dims that do not rotate)
-/// - `rot`: `[head_dim, head_dim]`, `x @ rot == rotate_half(x)` per head (0 past `2 half`)
+/// - `x`, `cos`, `sin`: `[batch, seq, heads * head_dim]` (the tables repeated per head)
 /// - returns `[batch, seq, heads * head_dim]`
 pub fn rope<B: Backend>(
     x: Tensor<B, 3>,
     (cos, sin): (&Tensor<B, 3>, &Tensor<B, 3>),
-    rot: &Tensor<B, 2>,
-    half: usize,
+    index: &RopeIndex<B>,
 ) -> Tensor<B, 3> {
-    let head_dim = rot.dims()[0];
     #[cfg(feature = "flex")]
-    let x = match flex::rope(x, (cos, sin), (head_dim, half)) {
+    let x = match flex::rope(x, (cos, sin), (index.head_dim, index.half)) {
         Ok(out) => return out,
         Err(x) => x,
     };
-    let [b, s, width] = x.dims();
-    let rotated = x
-        .clone()
-        .reshape([b * s * (width / head_dim), head_dim])
-        .matmul(rot.clone())
-        .reshape([b, s, width]);
-    x * cos.clone() + rotated * sin.clone()
+    rope_ops(x, (cos, sin), index)
+}
+
+/// [`rope`] with tensor ops: what every backend but flex runs.
+fn rope_ops<B: Backend>(
+    x: Tensor<B, 3>,
+    (cos, sin): (&Tensor<B, 3>, &Tensor<B, 3>),
+    index: &RopeIndex<B>,
+) -> Tensor<B, 3> {
+    let same = x.clone().select(2, index.ids.clone());
+    let partner = x.select(2, index.partners.clone());
+    same * cos.clone() + partner * sin.clone()
+}
+
+/// The indices [`rope`] reads its input by, for rows of `heads * head_dim` values.
+#[derive(Debug, Clone)]
+pub struct RopeIndex<B: Backend> {
+    /// `[width]`: `0..width`.
+    ids: Tensor<B, 1, Int>,
+    /// `[width]`: the index of each value's rotation partner, `half` away within its head (itself
+    /// past `2 half`).
+    partners: Tensor<B, 1, Int>,
+    /// Values per head (flex's kernel reads this and `half` instead of the indices).
+    #[cfg_attr(not(feature = "flex"), allow(dead_code))]
+    head_dim: usize,
+    /// Rotated pairs per head.
+    #[cfg_attr(not(feature = "flex"), allow(dead_code))]
+    half: usize,
+}
+
+impl<B: Backend> RopeIndex<B> {
+    /// Indices for rows of `heads` heads of `head_dim` values with `half` rotated pairs each
+    /// (`2 half <= head_dim`).
+    pub fn new(heads: usize, head_dim: usize, half: usize, dev: &B::Device) -> Self {
+        assert!(
+            2 * half <= head_dim,
+            "{half} rotated pairs in a head of {head_dim}"
+        );
+        let width = heads * head_dim;
+        let partner = |i: usize| {
+            let (head, j) = (i / head_dim * head_dim, i % head_dim);
+            head + match j {
+                j if j < half => j + half,
+                j if j < 2 * half => j - half,
+                j => j,
+            }
+        };
+        let ints = |v: Vec<i64>| Tensor::from_data(TensorData::new(v, [width]), dev);
+        Self {
+            ids: ints((0..width as i64).collect()),
+            partners: ints((0..width).map(|i| partner(i) as i64).collect()),
+            head_dim,
+            half,
+        }
+    }
 }
 
 /// `x.swap_dims(1, 2)` as a contiguous tensor: `[batch, seq, heads, head_dim]` to `[batch, heads,

@@ -385,8 +385,10 @@ fn matmul_and_its_gradients_match_flex_matmul_in_every_layout() {
     }
 }
 
-/// The fused rotary embedding against its definition with tensor ops (`x cos + (x @ rot) sin`),
-/// values and gradient, with part of each head left unrotated (`2 half < head_dim`).
+/// The rotary embedding (flex's kernel, and the `select` path every other backend runs) against
+/// its definition, `x cos + rotate_half(x) sin` with rotate_half a product by a rotation matrix,
+/// values and gradient, with part of each head left unrotated (`2 half < head_dim`). The tables
+/// are random, `sin` unsigned; `rope` takes it with rotate_half's sign.
 #[test]
 fn rope_and_its_gradient_match_the_tensor_ops() {
     type AD = burn::backend::Autodiff<B>;
@@ -397,12 +399,18 @@ fn rope_and_its_gradient_match_the_tensor_ops() {
     let cos = Tensor::<B, 3>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
     let sin = Tensor::<B, 3>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
     let c = Tensor::<B, 3>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
+    // rotate_half(x) = cat(-x[half..2 half], x[..half], 0) per head, as a matrix; and the sign it
+    // puts on sin.
     let mut rot = vec![0f32; hd * hd];
+    let mut sign = vec![0f32; hd];
     for j in 0..half {
         rot[(j + half) * hd + j] = -1.0;
         rot[j * hd + j + half] = 1.0;
+        (sign[j], sign[j + half]) = (-1.0, 1.0);
     }
     let rot = TensorData::new(rot, [hd, hd]);
+    let sign = Tensor::<B, 1>::from_data(TensorData::new(sign.repeat(heads), [heads * hd]), &dev);
+    let signed_sin = sin.clone() * sign.unsqueeze::<3>();
     let reference = |x: Tensor<AD, 3>, cos: Tensor<AD, 3>, sin: Tensor<AD, 3>| {
         let r = Tensor::<AD, 2>::from_data(rot.clone(), &dev);
         let rotated = x
@@ -412,23 +420,36 @@ fn rope_and_its_gradient_match_the_tensor_ops() {
             .reshape(shape);
         x * cos + rotated * sin
     };
-    // Plain flex.
-    let r = Tensor::<B, 2>::from_data(rot.clone(), &dev);
-    let got = rope(x.clone(), (&cos, &sin), &r, half);
     let ad = |t: &Tensor<B, 3>| Tensor::<AD, 3>::from_inner(t.clone());
     let want = reference(ad(&x), ad(&cos), ad(&sin)).inner();
-    assert!(max_diff(got, want) < 1e-5, "forward");
+    // Plain flex, and the tensor-op path.
+    let index = RopeIndex::<B>::new(heads, hd, half, &dev);
+    let got = rope(x.clone(), (&cos, &signed_sin), &index);
+    assert!(max_diff(got, want.clone()) < 1e-5, "forward");
+    let got = rope_ops(x.clone(), (&cos, &signed_sin), &index);
+    assert!(max_diff(got, want) < 1e-5, "forward, tensor ops");
     // Under autodiff: the gradient of sum(c * rope(x)).
-    let grad = |fused: bool| {
+    type Rope =
+        fn(Tensor<AD, 3>, (&Tensor<AD, 3>, &Tensor<AD, 3>), &RopeIndex<AD>) -> Tensor<AD, 3>;
+    let grad = |f: Option<Rope>| {
         let xa = ad(&x).require_grad();
-        let y = if fused {
-            let r = Tensor::<AD, 2>::from_data(rot.clone(), &dev);
-            rope(xa.clone(), (&ad(&cos), &ad(&sin)), &r, half)
-        } else {
-            reference(xa.clone(), ad(&cos), ad(&sin))
+        let y = match f {
+            Some(f) => {
+                let index = RopeIndex::<AD>::new(heads, hd, half, &dev);
+                f(xa.clone(), (&ad(&cos), &ad(&signed_sin)), &index)
+            }
+            None => reference(xa.clone(), ad(&cos), ad(&sin)),
         };
         let g = (y * ad(&c)).sum().backward();
         xa.grad(&g).expect("x gets a gradient")
     };
-    assert!(max_diff(grad(true), grad(false)) < 1e-5, "gradient");
+    let want = grad(None);
+    assert!(
+        max_diff(grad(Some(rope::<AD>)), want.clone()) < 1e-5,
+        "gradient"
+    );
+    assert!(
+        max_diff(grad(Some(rope_ops::<AD>)), want) < 1e-5,
+        "gradient, tensor ops"
+    );
 }
