@@ -163,7 +163,15 @@ impl<B: Backend> RopeIndex<B> {
 /// strided iterator, forward and in the backward pass; here it is one parallel copy of
 /// `head_dim`-long runs (a custom autodiff op under `Autodiff<Flex>`, whose backward is the same
 /// copy). Other backends get burn's `swap_dims`.
+///
+/// When either swapped dim is 1 (decoding: one position per sequence), the swap keeps every
+/// value's place in row-major order, so it is a `reshape` and copies nothing; burn's `swap_dims`
+/// would leave strides that make the next `reshape` copy (a kernel per call on the GPU).
 pub fn swap_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, d1, d2, d3] = x.dims();
+    if d1 == 1 || d2 == 1 {
+        return x.reshape([b, d2, d1, d3]);
+    }
     #[cfg(feature = "flex")]
     let x = match flex::swap_heads(x) {
         Ok(out) => return out,

@@ -306,14 +306,21 @@ fn token_log_probs_and_their_gradient_match_the_tensor_ops() {
 fn swap_heads_matches_swap_dims_and_so_does_its_gradient() {
     type AD = burn::backend::Autodiff<B>;
     let dev = Default::default();
-    let x = Tensor::<B, 4>::random([2, 5, 3, 7], Distribution::Normal(0.0, 1.0), &dev);
-    // A strided input too (a view of the transpose).
-    let strided =
-        Tensor::<B, 4>::random([2, 3, 5, 7], Distribution::Normal(0.0, 1.0), &dev).swap_dims(1, 2);
-    for x in [x, strided] {
+    let random = |dims| Tensor::<B, 4>::random(dims, Distribution::Normal(0.0, 1.0), &dev);
+    let inputs = [
+        random([2, 5, 3, 7]),
+        // A strided input too (a view of the transpose).
+        random([2, 3, 5, 7]).swap_dims(1, 2),
+        // One position (decoding) or one head: a reshape, also of a strided view.
+        random([2, 1, 3, 7]),
+        random([2, 5, 1, 7]),
+        random([2, 3, 1, 7]).swap_dims(1, 2),
+    ];
+    for x in inputs {
+        let [b, d1, d2, d3] = x.dims();
         let d = max_diff(swap_heads(x.clone()), x.clone().swap_dims(1, 2));
-        assert_eq!(d, 0.0, "forward");
-        let c = Tensor::<B, 4>::random([2, 3, 5, 7], Distribution::Normal(0.0, 1.0), &dev);
+        assert_eq!(d, 0.0, "forward, {:?}", x.dims());
+        let c = random([b, d2, d1, d3]);
         let grad = |fused: bool| {
             let xa = Tensor::<AD, 4>::from_inner(x.clone()).require_grad();
             let y = if fused {
