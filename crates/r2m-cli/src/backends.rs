@@ -38,6 +38,12 @@ fn not_compiled(name: &str, feature: &str) -> R2mError {
     ))
 }
 
+/// `task` on backend `B`, with r2m's custom autodiff ops registered for `Autodiff<B>`.
+fn run_on<B: Backend, T: BackendTask>(task: T, device: B::Device, name: &str) -> Result<()> {
+    r2m_models::fused::register_autodiff_ops::<B>();
+    task.run::<B>(device, name)
+}
+
 /// Run `task` on the backend `choice` names, with floats of type `dtype`.
 pub fn dispatch(choice: DeviceArg, dtype: DtypeArg, task: impl BackendTask) -> Result<()> {
     let choice = if choice == DeviceArg::Auto {
@@ -53,13 +59,14 @@ pub fn dispatch(choice: DeviceArg, dtype: DtypeArg, task: impl BackendTask) -> R
     match choice {
         DeviceArg::Cpu => {
             #[cfg(feature = "flex")]
-            return task.run::<burn::backend::Flex>(Default::default(), "flex (CPU)");
+            return run_on::<burn::backend::Flex, _>(task, Default::default(), "flex (CPU)");
             #[cfg(not(feature = "flex"))]
             return Err(not_compiled("cpu", "flex"));
         }
         DeviceArg::Wgpu => {
             #[cfg(feature = "wgpu")]
-            return task.run::<burn::backend::Wgpu>(
+            return run_on::<burn::backend::Wgpu, _>(
+                task,
                 Default::default(),
                 &format!("wgpu ({})", wgpu_adapter_name()),
             );
@@ -69,8 +76,9 @@ pub fn dispatch(choice: DeviceArg, dtype: DtypeArg, task: impl BackendTask) -> R
         DeviceArg::Cuda => {
             #[cfg(feature = "cuda")]
             return match dtype {
-                DtypeArg::F32 => task.run::<burn::backend::Cuda>(Default::default(), "cuda"),
-                DtypeArg::Bf16 => task.run::<burn::backend::Cuda<burn::tensor::bf16>>(
+                DtypeArg::F32 => run_on::<burn::backend::Cuda, _>(task, Default::default(), "cuda"),
+                DtypeArg::Bf16 => run_on::<burn::backend::Cuda<burn::tensor::bf16>, _>(
+                    task,
                     Default::default(),
                     "cuda bf16",
                 ),
@@ -80,7 +88,7 @@ pub fn dispatch(choice: DeviceArg, dtype: DtypeArg, task: impl BackendTask) -> R
         }
         DeviceArg::Ndarray => {
             #[cfg(feature = "ndarray")]
-            return task.run::<burn::backend::NdArray>(Default::default(), "ndarray (CPU)");
+            return run_on::<burn::backend::NdArray, _>(task, Default::default(), "ndarray (CPU)");
             #[cfg(not(feature = "ndarray"))]
             return Err(not_compiled("ndarray", "ndarray"));
         }

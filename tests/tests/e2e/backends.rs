@@ -39,8 +39,8 @@ fn wgpu_forward_matches_cpu_backend_on_tiny_llama3() {
 
 /// One training step's loss and gradients for `rows` (right-padded where `valid` says so): the
 /// mean negative log-probability of each next token, backpropagated through the whole tiny model. Returns
-/// the loss and the gradients of the embedding, layer 0's query and down projections and the
-/// final norm, flattened in that order.
+/// the loss and the gradients of the embedding, layer 0's input norm, query, key, value and down
+/// projections, and the final norm, flattened in that order.
 fn loss_and_gradients<B: AutodiffBackend>(
     dev: &B::Device,
     rows: &[Vec<i64>],
@@ -70,7 +70,10 @@ fn loss_and_gradients<B: AutodiffBackend>(
     let mut all = Vec::new();
     for g in [
         model.embed_tokens.grad(&grads).unwrap().into_data(),
+        layer.input_norm.weight.grad(&grads).unwrap().into_data(),
         layer.attn.q_proj.weight.grad(&grads).unwrap().into_data(),
+        layer.attn.k_proj.weight.grad(&grads).unwrap().into_data(),
+        layer.attn.v_proj.weight.grad(&grads).unwrap().into_data(),
         layer.mlp.down_proj.weight.grad(&grads).unwrap().into_data(),
         model.norm.weight.grad(&grads).unwrap().into_data(),
     ] {
@@ -88,15 +91,25 @@ fn wgpu_training_gradients_match_cpu_backend_on_tiny_llama3() {
         vec![true, true, true, true, true, false, false],
     ];
     let (want_loss, want) = loss_and_gradients::<Autodiff<TB>>(&device(), &rows, &valid);
-    let (got_loss, got) = loss_and_gradients::<Autodiff<Wgpu>>(&Default::default(), &rows, &valid);
-    assert!(
-        (got_loss - want_loss).abs() < 1e-4,
-        "loss: wgpu {got_loss} vs cpu {want_loss}"
-    );
     let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let max_diff = max_abs_diff(&got, &want);
-    assert!(
-        scale > 1e-3 && max_diff < 1e-3 * scale,
-        "gradients: wgpu vs cpu differ by {max_diff} (largest {scale})"
-    );
+    assert!(scale > 1e-3, "gradients too small to compare: {scale}");
+    // First with burn's backward of every tensor op, then with the custom autodiff ops that
+    // `r2m` registers for the backend it runs on (RoPE, RMSNorm, attention). No other test
+    // registers them for `Autodiff<Wgpu>`.
+    for path in ["tensor ops", "custom autodiff ops"] {
+        if path == "custom autodiff ops" {
+            fused::register_autodiff_ops::<Wgpu>();
+        }
+        let (got_loss, got) =
+            loss_and_gradients::<Autodiff<Wgpu>>(&Default::default(), &rows, &valid);
+        assert!(
+            (got_loss - want_loss).abs() < 1e-4,
+            "{path}: loss: wgpu {got_loss} vs cpu {want_loss}"
+        );
+        let max_diff = max_abs_diff(&got, &want);
+        assert!(
+            max_diff < 1e-3 * scale,
+            "{path}: gradients: wgpu vs cpu differ by {max_diff} (largest {scale})"
+        );
+    }
 }

@@ -52,6 +52,9 @@ pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, eps: f64) -> 
         Ok(out) => return out,
         Err(inputs) => inputs,
     };
+    if let Some(ops) = autodiff::ops::<B>() {
+        return (ops.rms_norm)(x, weight, eps);
+    }
     let weight = weight.unsqueeze::<3>();
     let rms = (x.clone().square().mean_dim(2) + eps).sqrt();
     x / rms * weight
@@ -99,6 +102,9 @@ pub fn rope<B: Backend>(
         Ok(out) => return out,
         Err(x) => x,
     };
+    if let Some(ops) = autodiff::ops::<B>() {
+        return (ops.rope)(x, (cos, sin), index);
+    }
     rope_ops(x, (cos, sin), index)
 }
 
@@ -122,10 +128,8 @@ pub struct RopeIndex<B: Backend> {
     /// past `2 half`).
     partners: Tensor<B, 1, Int>,
     /// Values per head (flex's kernel reads this and `half` instead of the indices).
-    #[cfg_attr(not(feature = "flex"), allow(dead_code))]
     head_dim: usize,
     /// Rotated pairs per head.
-    #[cfg_attr(not(feature = "flex"), allow(dead_code))]
     half: usize,
 }
 
@@ -225,6 +229,9 @@ pub fn attention<B: Backend>(
         Ok(out) => return out,
         Err(inputs) => inputs,
     };
+    if let Some(ops) = autodiff::ops::<B>() {
+        return (ops.attention)(q, k, v, mask);
+    }
     attention_ops(q, k, v, mask)
 }
 
@@ -318,6 +325,10 @@ pub fn adamw<B: Backend, const D: usize>(
     }
 }
 
+pub use autodiff::register as register_autodiff_ops;
+
+// Custom autodiff ops for the other backends (autodiff.rs).
+mod autodiff;
 // The kernels (flex.rs), the vectorizable row arithmetic they share (lanes.rs), and the tests
 // that hold each kernel and its gradient to burn's own ops (tests.rs).
 #[cfg(feature = "flex")]

@@ -74,22 +74,30 @@ fn rms_norm_and_its_gradients_match_the_tensor_ops() {
     let dist = max_diff(rms_norm(x.clone(), w.clone(), eps), want);
     assert!(dist < 1e-5, "forward: max |fused - ops| = {dist}");
     // Autodiff: the gradients of x and of the weight.
-    let grads = |fused: bool| {
+    // Autodiff: the gradients of x and of the weight, through flex's kernel, the custom autodiff
+    // op the other backends take (here with flex as the inner backend), and the tensor ops.
+    type Norm = fn(Tensor<AD, 3>, Tensor<AD, 1>, f64) -> Tensor<AD, 3>;
+    let grads = |f: Norm| {
         let xa = Tensor::<AD, 3>::from_inner(x.clone()).require_grad();
         let wa = Tensor::<AD, 1>::from_inner(w.clone()).require_grad();
-        let y = if fused {
-            rms_norm(xa.clone(), wa.clone(), eps)
-        } else {
-            ops(xa.clone(), wa.clone())
-        };
+        let y = f(xa.clone(), wa.clone(), eps);
         let g = (y * Tensor::from_inner(c.clone())).sum().backward();
         (xa.grad(&g).unwrap(), wa.grad(&g).unwrap())
     };
-    let ((gx, gw), (wx, ww)) = (grads(true), grads(false));
-    let dx = max_diff(gx, wx);
-    assert!(dx < 1e-5, "d/dx: max |fused - ops| = {dx}");
-    let dw = (gw - ww).abs().max().into_scalar();
-    assert!(dw < 1e-3, "d/dw: max |fused - ops| = {dw}");
+    let (wx, ww) = grads(|x, w, eps| {
+        let rms = (x.clone().square().mean_dim(2) + eps).sqrt();
+        x / rms * w.unsqueeze::<3>()
+    });
+    for (name, f) in [
+        ("flex", rms_norm::<AD> as Norm),
+        ("custom op", autodiff::rms_norm::<B>),
+    ] {
+        let (gx, gw) = grads(f);
+        let dx = max_diff(gx, wx.clone());
+        assert!(dx < 1e-5, "{name}: d/dx: max |fused - ops| = {dx}");
+        let dw = (gw - ww.clone()).abs().max().into_scalar();
+        assert!(dw < 1e-3, "{name}: d/dw: max |fused - ops| = {dw}");
+    }
 }
 
 #[test]
@@ -135,27 +143,38 @@ fn attention_matches_burn_attention_with_padding_masks() {
     // Under autodiff: the gradients of sum(c * attention) with respect to q, k and v.
     type AD = burn::backend::Autodiff<B>;
     let c = Tensor::<B, 4>::random([b, h, rows, hd], Distribution::Normal(0.0, 1.0), &dev);
-    let grads = |fused: bool| {
+    // Through flex's kernel, and the custom autodiff op the other backends take (here with flex
+    // as the inner backend).
+    type Attention =
+        fn(Tensor<AD, 4>, Tensor<AD, 4>, Tensor<AD, 4>, Tensor<AD, 4, Bool>) -> Tensor<AD, 4>;
+    let grads = |f: Option<Attention>| {
         let [qa, ka, va] =
             [&q, &k, &v].map(|x| Tensor::<AD, 4>::from_inner(x.clone()).require_grad());
         let m = Tensor::<AD, 4, Bool>::from_data(mask.to_data(), &dev);
-        let out = if fused {
-            attention(qa.clone(), ka.clone(), va.clone(), m)
-        } else {
-            let opts = AttentionModuleOptions::default();
-            module::attention(qa.clone(), ka.clone(), va.clone(), Some(m), None, opts)
+        let out = match f {
+            Some(f) => f(qa.clone(), ka.clone(), va.clone(), m),
+            None => {
+                let opts = AttentionModuleOptions::default();
+                module::attention(qa.clone(), ka.clone(), va.clone(), Some(m), None, opts)
+            }
         };
         let g = (out * Tensor::from_inner(c.clone())).sum().backward();
         [qa, ka, va].map(|x| x.grad(&g).expect("q, k and v get gradients"))
     };
-    let (got, want) = (grads(true), grads(false));
-    for (name, got, want) in [
-        ("q", &got[0], &want[0]),
-        ("k", &got[1], &want[1]),
-        ("v", &got[2], &want[2]),
+    let want = grads(None);
+    for (path, f) in [
+        ("flex", attention::<AD> as Attention),
+        ("custom op", autodiff::attention::<B>),
     ] {
-        let d = max_diff(got.clone(), want.clone());
-        assert!(d < 1e-5, "d/d{name}: max |fused - burn| = {d}");
+        let got = grads(Some(f));
+        for (name, got, want) in [
+            ("q", &got[0], &want[0]),
+            ("k", &got[1], &want[1]),
+            ("v", &got[2], &want[2]),
+        ] {
+            let d = max_diff(got.clone(), want.clone());
+            assert!(d < 1e-5, "{path}: d/d{name}: max |fused - burn| = {d}");
+        }
     }
 }
 
@@ -456,7 +475,12 @@ fn rope_and_its_gradient_match_the_tensor_ops() {
         "gradient"
     );
     assert!(
-        max_diff(grad(Some(rope_ops::<AD>)), want) < 1e-5,
+        max_diff(grad(Some(rope_ops::<AD>)), want.clone()) < 1e-5,
         "gradient, tensor ops"
+    );
+    // The custom autodiff op the other backends take (here with flex as the inner backend).
+    assert!(
+        max_diff(grad(Some(autodiff::rope::<B>)), want) < 1e-5,
+        "gradient, custom autodiff op"
     );
 }
