@@ -135,10 +135,8 @@ pub struct RopeTables<B: Backend> {
     q: (Tensor<B, 3>, Tensor<B, 3>),
     /// The same for the key/value heads.
     k: (Tensor<B, 3>, Tensor<B, 3>),
-    /// The indices [`fused::rope`] reads the query heads by.
-    q_index: fused::RopeIndex<B>,
-    /// The same for the key/value heads.
-    k_index: fused::RopeIndex<B>,
+    /// The indices [`fused::rope`] reads a head by.
+    index: fused::RopeIndex<B>,
 }
 
 impl Rope {
@@ -191,19 +189,20 @@ impl Rope {
         RopeTables {
             q: (per_heads(&cos, heads), per_heads(&sin, heads)),
             k: (per_heads(&cos, kv_heads), per_heads(&sin, kv_heads)),
-            q_index: fused::RopeIndex::new(heads, hd, half, dev),
-            k_index: fused::RopeIndex::new(kv_heads, hd, half, dev),
+            index: fused::RopeIndex::new(hd, half, dev),
         }
     }
 
     /// Rotate the projections `x` (`[batch, seq, heads * head_dim]`) by the angles in
-    /// `(cos, sin)`, read through `index` (one of `tables`' pairs, see [`fused::rope`]).
+    /// `(cos, sin)` (one of `tables`' pairs), read through `index` (see [`fused::rope`]); returns
+    /// `[batch, heads, seq, head_dim]`.
     pub fn apply<B: Backend>(
         x: Tensor<B, 3>,
+        heads: usize,
         (cos, sin): &(Tensor<B, 3>, Tensor<B, 3>),
         index: &fused::RopeIndex<B>,
-    ) -> Tensor<B, 3> {
-        fused::rope(x, (cos, sin), index)
+    ) -> Tensor<B, 4> {
+        fused::rope(x, heads, (cos, sin), index)
     }
 }
 
@@ -359,11 +358,10 @@ impl<B: Backend> Attention<B> {
             self.k_proj.forward(x.clone()),
             self.v_proj.forward(x),
         );
-        // RoPE on the projections, then [batch, seq, heads, head_dim] -> [batch, heads, seq, head_dim]
-        let q = Rope::apply(q, &rope.q, &rope.q_index);
-        let k = Rope::apply(k, &rope.k, &rope.k_index);
-        let q = fused::swap_heads(q.reshape([b, s, h, hd]));
-        let k = fused::swap_heads(k.reshape([b, s, kvh, hd]));
+        // RoPE on the projections, which also splits them into heads: [batch, heads, seq,
+        // head_dim]; v is split by a swap.
+        let q = Rope::apply(q, h, &rope.q, &rope.index);
+        let k = Rope::apply(k, kvh, &rope.k, &rope.index);
         let v = fused::swap_heads(v.reshape([b, s, kvh, hd]));
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),

@@ -31,7 +31,8 @@ use burn::tensor::{Bool, Tensor, TensorPrimitive};
 use super::RopeIndex;
 
 /// [`super::rope`]'s signature.
-type RopeFn<B> = fn(Tensor<B, 3>, (&Tensor<B, 3>, &Tensor<B, 3>), &RopeIndex<B>) -> Tensor<B, 3>;
+type RopeFn<B> =
+    fn(Tensor<B, 3>, usize, (&Tensor<B, 3>, &Tensor<B, 3>), &RopeIndex<B>) -> Tensor<B, 4>;
 /// [`super::rms_norm`]'s signature.
 type RmsNormFn<B> = fn(Tensor<B, 3>, Tensor<B, 1>, f64) -> Tensor<B, 3>;
 /// [`super::attention`]'s signature.
@@ -91,21 +92,26 @@ fn float<I: Backend, const D: usize>(t: I::FloatTensorPrimitive) -> Tensor<I, D>
 
 /// The backward of [`rope`]: for `y = x cos + partner(x) sin` (`partner` an involution),
 /// `∂/∂x = g cos + partner(g sin) = g cos + partner(g) partner(sin)`: the forward's tensor ops
-/// with `partner(sin)` for `sin`, one fused kernel.
+/// with `partner(sin)` for `sin`. It reads the head-major gradient as `[batch, seq, heads,
+/// head_dim]` and writes it in that order, the input's.
 #[derive(Debug)]
 struct RopeBackward;
 
 impl<I: Backend> Backward<I, 1> for RopeBackward {
-    /// The `cos` and `sin` tables and the indices.
+    /// The `cos` and `sin` tables (`[batch, seq, heads * head_dim]`) and the indices.
     type State = (Tensor<I, 3>, Tensor<I, 3>, RopeIndex<I>);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [parent] = ops.parents;
-        let g = grads.consume::<I>(&ops.node);
+        let g: Tensor<I, 4> = float(grads.consume::<I>(&ops.node));
         if let Some(parent) = parent {
             let (cos, sin, index) = ops.state;
-            let sin = sin.select(2, index.partners.clone());
-            let dx = super::rope_ops(float(g), (&cos, &sin), &index);
+            let [b, heads, s, head_dim] = g.dims();
+            let by_position = |t: Tensor<I, 3>| t.reshape([b, s, heads, head_dim]);
+            let cos = by_position(cos);
+            let sin = by_position(sin).select(3, index.partners.clone());
+            let dx = super::rope_ops(g.swap_dims(1, 2), (&cos, &sin), &index);
+            let dx = dx.reshape([b, s, heads * head_dim]);
             grads.register::<I>(parent.id, dx.into_primitive().tensor());
         }
     }
@@ -114,9 +120,10 @@ impl<I: Backend> Backward<I, 1> for RopeBackward {
 /// [`super::rope`] under `Autodiff<I>`: the tensor ops on `I`, and [`RopeBackward`].
 pub(super) fn rope<I: Backend>(
     x: Tensor<Autodiff<I>, 3>,
+    heads: usize,
     (cos, sin): (&Tensor<Autodiff<I>, 3>, &Tensor<Autodiff<I>, 3>),
     index: &RopeIndex<Autodiff<I>>,
-) -> Tensor<Autodiff<I>, 3> {
+) -> Tensor<Autodiff<I>, 4> {
     let (cos, sin) = (cos.clone().inner(), sin.clone().inner());
     let index = RopeIndex {
         ids: index.ids.clone().inner(),
@@ -125,7 +132,12 @@ pub(super) fn rope<I: Backend>(
         half: index.half,
     };
     let xa = x.into_primitive().tensor();
-    let out = super::rope_ops(float(xa.primitive.clone()), (&cos, &sin), &index);
+    let view = |t: Tensor<I, 3>| super::heads_view(t, heads);
+    let out = super::rope_ops(
+        view(float(xa.primitive.clone())),
+        (&view(cos.clone()), &view(sin.clone())),
+        &index,
+    );
     let out = out.into_primitive().tensor();
     let out = match RopeBackward
         .prepare::<NoCheckpointing>([xa.node.clone()])

@@ -22,6 +22,10 @@
 //! and [`adamw`] is the optimizer's update in one pass. Both paths of every function compute the
 //! same thing: the tests (`fused/tests.rs`) hold them, and their gradients,
 //! to each other, and the SmolLM2 parity fixtures run through the kernels.
+//!
+//! Under `Autodiff` of any other backend (the GPU ones), [`rope`], [`rms_norm`] and [`attention`]
+//! are custom autodiff ops too, written with tensor ops and a backward pass of their own
+//! (`fused/autodiff.rs`), once [`register_autodiff_ops`] was called for that backend.
 
 use burn::optim::AdamWState;
 use burn::tensor::activation::{log_softmax, silu, softmax};
@@ -78,7 +82,8 @@ pub fn matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
 }
 
 /// Rotary position embedding in HF's rotate-half layout, `x cos + rotate_half(x) sin`, per head
-/// of `head_dim` values of which the first `2 half` rotate in pairs `(j, j + half)`.
+/// of `head_dim` values of which the first `2 half` rotate in pairs `(j, j + half)`; the result
+/// comes out head-major, as attention takes it.
 ///
 /// It is computed as `x cos + partner(x) sin`, where `partner` swaps a head's two rotated halves
 /// and the `sin` table carries rotate_half's sign: `-sin` on the first `half` values of a head,
@@ -87,45 +92,62 @@ pub fn matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
 /// Off flex that is two `select`s by [`RopeIndex`] and an element-wise sum, which burn's fusion
 /// can make into one kernel. `x` is read through `select` both times, `x cos` included, because
 /// a fused kernel cannot read one tensor both by index and element-wise. (A product by a
-/// rotation matrix, as this was written before, is a matmul kernel more per call.)
+/// rotation matrix, as this was written before, is a matmul kernel more per call.) The input and
+/// the tables are read as `[batch, heads, seq, head_dim]` views (a reshape and a swap of dims,
+/// no copy) and the kernel writes its output in that order, so the split into heads costs no
+/// kernel: burn's matmul copies a key with swapped dims before multiplying by it, and a reshape
+/// copies a query with swapped dims. On flex: flex's kernel, then [`swap_heads`].
 ///
 /// # Shapes
 /// - `x`, `cos`, `sin`: `[batch, seq, heads * head_dim]` (the tables repeated per head)
-/// - returns `[batch, seq, heads * head_dim]`
+/// - returns `[batch, heads, seq, head_dim]`
 pub fn rope<B: Backend>(
     x: Tensor<B, 3>,
+    heads: usize,
     (cos, sin): (&Tensor<B, 3>, &Tensor<B, 3>),
     index: &RopeIndex<B>,
-) -> Tensor<B, 3> {
+) -> Tensor<B, 4> {
     #[cfg(feature = "flex")]
     let x = match flex::rope(x, (cos, sin), (index.head_dim, index.half)) {
-        Ok(out) => return out,
+        Ok(out) => {
+            let [b, s, width] = out.dims();
+            return swap_heads(out.reshape([b, s, heads, width / heads]));
+        }
         Err(x) => x,
     };
     if let Some(ops) = autodiff::ops::<B>() {
-        return (ops.rope)(x, (cos, sin), index);
+        return (ops.rope)(x, heads, (cos, sin), index);
     }
-    rope_ops(x, (cos, sin), index)
+    let view = |t: Tensor<B, 3>| heads_view(t, heads);
+    rope_ops(view(x), (&view(cos.clone()), &view(sin.clone())), index)
 }
 
-/// [`rope`] with tensor ops: what every backend but flex runs.
+/// `[batch, seq, heads * head_dim]` viewed as `[batch, heads, seq, head_dim]`: a reshape and a
+/// swap of dims, no copy.
+fn heads_view<B: Backend>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
+    let [b, s, width] = x.dims();
+    x.reshape([b, s, heads, width / heads]).swap_dims(1, 2)
+}
+
+/// [`rope`] with tensor ops, over heads of `head_dim` values along the last dim: what every
+/// backend but flex runs.
 fn rope_ops<B: Backend>(
-    x: Tensor<B, 3>,
-    (cos, sin): (&Tensor<B, 3>, &Tensor<B, 3>),
+    x: Tensor<B, 4>,
+    (cos, sin): (&Tensor<B, 4>, &Tensor<B, 4>),
     index: &RopeIndex<B>,
-) -> Tensor<B, 3> {
-    let same = x.clone().select(2, index.ids.clone());
-    let partner = x.select(2, index.partners.clone());
+) -> Tensor<B, 4> {
+    let same = x.clone().select(3, index.ids.clone());
+    let partner = x.select(3, index.partners.clone());
     same * cos.clone() + partner * sin.clone()
 }
 
-/// The indices [`rope`] reads its input by, for rows of `heads * head_dim` values.
+/// The indices [`rope`] reads a head by.
 #[derive(Debug, Clone)]
 pub struct RopeIndex<B: Backend> {
-    /// `[width]`: `0..width`.
+    /// `[head_dim]`: `0..head_dim`.
     ids: Tensor<B, 1, Int>,
-    /// `[width]`: the index of each value's rotation partner, `half` away within its head (itself
-    /// past `2 half`).
+    /// `[head_dim]`: the index of each value's rotation partner, `half` away (itself past
+    /// `2 half`).
     partners: Tensor<B, 1, Int>,
     /// Values per head (flex's kernel reads this and `half` instead of the indices).
     head_dim: usize,
@@ -134,26 +156,22 @@ pub struct RopeIndex<B: Backend> {
 }
 
 impl<B: Backend> RopeIndex<B> {
-    /// Indices for rows of `heads` heads of `head_dim` values with `half` rotated pairs each
+    /// Indices for heads of `head_dim` values with `half` rotated pairs each
     /// (`2 half <= head_dim`).
-    pub fn new(heads: usize, head_dim: usize, half: usize, dev: &B::Device) -> Self {
+    pub fn new(head_dim: usize, half: usize, dev: &B::Device) -> Self {
         assert!(
             2 * half <= head_dim,
             "{half} rotated pairs in a head of {head_dim}"
         );
-        let width = heads * head_dim;
-        let partner = |i: usize| {
-            let (head, j) = (i / head_dim * head_dim, i % head_dim);
-            head + match j {
-                j if j < half => j + half,
-                j if j < 2 * half => j - half,
-                j => j,
-            }
+        let partner = |j: usize| match j {
+            j if j < half => j + half,
+            j if j < 2 * half => j - half,
+            j => j,
         };
-        let ints = |v: Vec<i64>| Tensor::from_data(TensorData::new(v, [width]), dev);
+        let ints = |v: Vec<i64>| Tensor::from_data(TensorData::new(v, [head_dim]), dev);
         Self {
-            ids: ints((0..width as i64).collect()),
-            partners: ints((0..width).map(|i| partner(i) as i64).collect()),
+            ids: ints((0..head_dim as i64).collect()),
+            partners: ints((0..head_dim).map(|j| partner(j) as i64).collect()),
             head_dim,
             half,
         }
