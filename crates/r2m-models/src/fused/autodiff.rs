@@ -134,12 +134,7 @@ pub(super) fn rope<I: Backend>(
         half: index.half,
     };
     let xa = x.into_primitive().tensor();
-    let view = |t: Tensor<I, 3>| super::heads_view(t, heads);
-    let out = super::rope_ops(
-        view(float(xa.primitive.clone())),
-        (&view(cos.clone()), &view(sin.clone())),
-        &index,
-    );
+    let out = super::rope_heads_ops(float(xa.primitive.clone()), heads, (&cos, &sin), &index);
     let out = out.into_primitive().tensor();
     let out = match RopeBackward
         .prepare::<NoCheckpointing>([xa.node.clone()])

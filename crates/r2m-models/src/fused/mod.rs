@@ -118,6 +118,17 @@ pub fn rope<B: Backend>(
     if let Some(ops) = autodiff::ops::<B>() {
         return (ops.rope)(x, heads, (cos, sin), index);
     }
+    rope_heads_ops(x, heads, (cos, sin), index)
+}
+
+/// [`rope`] with tensor ops on head-major views of `x` and the tables: what every backend but
+/// flex runs.
+fn rope_heads_ops<B: Backend>(
+    x: Tensor<B, 3>,
+    heads: usize,
+    (cos, sin): (&Tensor<B, 3>, &Tensor<B, 3>),
+    index: &RopeIndex<B>,
+) -> Tensor<B, 4> {
     let view = |t: Tensor<B, 3>| heads_view(t, heads);
     rope_ops(view(x), (&view(cos.clone()), &view(sin.clone())), index)
 }

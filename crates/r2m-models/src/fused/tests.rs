@@ -450,21 +450,11 @@ fn rope_and_its_gradient_match_the_tensor_ops() {
     // rope's output is head-major.
     let heads_major = |t: Tensor<B, 3>| t.reshape([b, s, heads, hd]).swap_dims(1, 2);
     let want = heads_major(reference(ad(&x), ad(&cos), ad(&sin)).inner());
-    // The tensor-op path, on the views of the inputs that rope takes off flex.
-    fn tensor_ops<B: Backend>(
-        x: Tensor<B, 3>,
-        heads: usize,
-        (cos, sin): (&Tensor<B, 3>, &Tensor<B, 3>),
-        index: &RopeIndex<B>,
-    ) -> Tensor<B, 4> {
-        let view = |t: Tensor<B, 3>| heads_view(t, heads);
-        rope_ops(view(x), (&view(cos.clone()), &view(sin.clone())), index)
-    }
     // Plain flex, and the tensor-op path.
     let index = RopeIndex::<B>::new(hd, half, &dev);
     let got = rope(x.clone(), heads, (&cos, &signed_sin), &index);
     assert!(max_diff(got, want.clone()) < 1e-5, "forward");
-    let got = tensor_ops(x.clone(), heads, (&cos, &signed_sin), &index);
+    let got = rope_heads_ops(x.clone(), heads, (&cos, &signed_sin), &index);
     assert!(max_diff(got, want) < 1e-5, "forward, tensor ops");
     // Under autodiff: the gradient of sum(c * rope(x)) (c head-major too).
     type Rope =
@@ -490,7 +480,7 @@ fn rope_and_its_gradient_match_the_tensor_ops() {
         "gradient"
     );
     assert!(
-        max_diff(grad(Some(tensor_ops::<AD>)), want.clone()) < 1e-5,
+        max_diff(grad(Some(rope_heads_ops::<AD>)), want.clone()) < 1e-5,
         "gradient, tensor ops"
     );
     // The custom autodiff op the other backends take (here with flex as the inner backend).
