@@ -8,7 +8,8 @@
 #
 # Run from the repository root (`r2m bench check` reads tests/fixtures). Writes OUT_DIR/*.txt
 # (human lines and one JSON line per case) and prints the r2m / PyTorch table; with a baseline
-# build (an older r2m), its generate rows form their own column. Peaks for MFU: 989 TFLOP/s dense
+# build (an older r2m; else this build with R2M_ATTENTION_KERNEL=0), its generate rows form their
+# own column. Peaks for MFU: 989 TFLOP/s dense
 # bf16 on H100/H200 SXM.
 #
 # BUDGET (seconds, default 3600): steps are in order of importance; those that would start after
@@ -58,7 +59,13 @@ torch bf16 generate --gen-batches 64,8,1 2>&1 | tee "$OUT/torch_bf16.txt"
 train "$R2M" bf16 989 2>&1 | tee -a "$OUT/r2m_bf16.txt"
 torch bf16 train --batch 8 --seq 128 2>&1 | tee -a "$OUT/torch_bf16.txt"
 torch bf16 train --batch 32 --seq 512 2>&1 | tee -a "$OUT/torch_bf16.txt"
-[ -n "$BASE" ] && gen "$BASE" bf16 64,8 1 2>&1 | as_baseline | tee "$OUT/base_bf16.txt"
+# The baseline column: the older build if given, else this one with decoding's attention kernel
+# off (R2M_ATTENTION_KERNEL=0: the tensor-op path, six kernels a layer instead of one).
+if [ -n "$BASE" ]; then
+  gen "$BASE" bf16 64,8 1 2>&1 | as_baseline | tee "$OUT/base_bf16.txt"
+else
+  R2M_ATTENTION_KERNEL=0 gen "$R2M" bf16 64,8 1 2>&1 | as_baseline | tee "$OUT/base_bf16.txt"
+fi
 # Kernels per decoded token (batch 64, bf16), and which ones (scripts/count_kernels.sh).
 step 120 env MODEL="random:$CFG" bash "$HERE/count_kernels.sh" "$R2M" cuda 64 -- --dtype bf16 \
   2>&1 | tee "$OUT/kernels.txt"
@@ -67,4 +74,6 @@ gen "$R2M" f32 64,8 1 2>&1 | tee "$OUT/r2m_f32.txt"
 torch f32 generate --gen-batches 64,8 2>&1 | tee "$OUT/torch_f32.txt"
 train "$R2M" f32 494 2>&1 | tee -a "$OUT/r2m_f32.txt"
 torch f32 train --batch 8 --seq 128 2>&1 | tee -a "$OUT/torch_f32.txt"
+# Kernels per training step (scripts/count_train_kernels.sh).
+step 120 bash "$HERE/count_train_kernels.sh" "$R2M" cuda -- --dtype bf16 2>&1 | tee "$OUT/train-kernels.txt"
 python3 "$HERE/bench_table.py" "$OUT"/*.txt | tee "$OUT/table.txt"

@@ -44,6 +44,13 @@ fn run_on<B: Backend, T: BackendTask>(task: T, device: B::Device, name: &str) ->
     task.run::<B>(device, name)
 }
 
+/// Whether decoding's attention takes r2m's kernel on the GPU backends (`fused::register_cube_ops`):
+/// yes unless `R2M_ATTENTION_KERNEL=0`, which is there to time the tensor-op path against it.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn attention_kernel_wanted() -> bool {
+    std::env::var("R2M_ATTENTION_KERNEL").map_or(true, |v| v != "0")
+}
+
 /// Run `task` on the backend `choice` names, with floats of type `dtype`.
 pub fn dispatch(choice: DeviceArg, dtype: DtypeArg, task: impl BackendTask) -> Result<()> {
     let choice = if choice == DeviceArg::Auto {
@@ -65,6 +72,10 @@ pub fn dispatch(choice: DeviceArg, dtype: DtypeArg, task: impl BackendTask) -> R
         }
         DeviceArg::Wgpu => {
             #[cfg(feature = "wgpu")]
+            if attention_kernel_wanted() {
+                r2m_models::fused::register_cube_ops::<burn_wgpu::WgpuRuntime, f32, i32, u32>();
+            }
+            #[cfg(feature = "wgpu")]
             return run_on::<burn::backend::Wgpu, _>(
                 task,
                 Default::default(),
@@ -74,6 +85,12 @@ pub fn dispatch(choice: DeviceArg, dtype: DtypeArg, task: impl BackendTask) -> R
             return Err(not_compiled("wgpu", "wgpu"));
         }
         DeviceArg::Cuda => {
+            #[cfg(feature = "cuda")]
+            if attention_kernel_wanted() {
+                use cubecl::cuda::CudaRuntime;
+                r2m_models::fused::register_cube_ops::<CudaRuntime, f32, i32, u8>();
+                r2m_models::fused::register_cube_ops::<CudaRuntime, burn::tensor::bf16, i32, u8>();
+            }
             #[cfg(feature = "cuda")]
             return match dtype {
                 DtypeArg::F32 => run_on::<burn::backend::Cuda, _>(task, Default::default(), "cuda"),

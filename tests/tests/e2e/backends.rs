@@ -1,12 +1,13 @@
 //! The same generic model code on a second backend: WGPU (lavapipe on CPU-only machines), with
 //! burn's kernel fusion as r2m-cli's `wgpu` feature builds it, against the CPU backend, for
-//! inference and for a training step's gradients.
+//! inference, decoding with r2m's attention kernel, and a training step's gradients.
 
 use burn::backend::{Autodiff, Wgpu};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Distribution, ElementConversion, Int, Tensor, TensorData};
+use burn_wgpu::WgpuRuntime;
 use r2m_core::tensor::masked_mean;
-use r2m_models::{fused, load_hf_dir, Padding};
+use r2m_models::{fused, generate, load_gguf, load_hf_dir, GenerationConfig, Padding};
 
 use crate::common::*;
 
@@ -110,6 +111,104 @@ fn wgpu_training_gradients_match_cpu_backend_on_tiny_llama3() {
         assert!(
             max_diff < 1e-3 * scale,
             "{path}: gradients: wgpu vs cpu differ by {max_diff} (largest {scale})"
+        );
+    }
+}
+
+/// `r2m` files its decoding attention kernel for WGPU (`fused::register_cube_ops`), so that
+/// `fused::attention` takes it for up to 16 query rows per head.
+fn register_attention_kernel() {
+    fused::register_cube_ops::<WgpuRuntime, f32, i32, u32>();
+}
+
+/// The kernel against the CPU backend's attention on the same random inputs: one and several
+/// query rows, a key count past one shared-memory chunk (256), keys read through the strides of
+/// a wider buffer (as from the KV cache), and masks that hide whole chunks before any visible key.
+#[test]
+fn wgpu_attention_kernel_matches_cpu_attention() {
+    register_attention_kernel();
+    let dev = Default::default();
+    for (rows, keys, hidden_before) in [(1, 7, 0), (3, 40, 5), (16, 300, 0), (2, 600, 520)] {
+        let (b, h, d, width) = (2, 3, 64, keys + 9);
+        let q = Tensor::<TB, 4>::random([b, h, rows, d], Distribution::Normal(0.0, 2.0), &device());
+        let k =
+            Tensor::<TB, 4>::random([b, h, width, d], Distribution::Normal(0.0, 2.0), &device());
+        let v =
+            Tensor::<TB, 4>::random([b, h, width, d], Distribution::Normal(0.0, 1.0), &device());
+        // Row 0 of batch 1 sees only keys from `hidden_before` on; every other row every third
+        // key hidden; no row sees nothing.
+        let mut m = Vec::new();
+        for bi in 0..b {
+            for _ in 0..h {
+                for r in 0..rows {
+                    for key in 0..keys {
+                        m.push(if bi == 1 && r == 0 {
+                            key < hidden_before
+                        } else {
+                            key % 3 == 1 && key != r
+                        });
+                    }
+                }
+            }
+        }
+        let mask = TensorData::new(m, [b, h, rows, keys]);
+        let want = to_vec(fused::attention(
+            q.clone(),
+            k.clone().narrow(2, 0, keys),
+            v.clone().narrow(2, 0, keys),
+            Tensor::<TB, 4, Bool>::from_data(mask.clone(), &device()),
+        ));
+        let gpu = |t: Tensor<TB, 4>| Tensor::<Wgpu, 4>::from_data(t.into_data(), &dev);
+        let got: Vec<f32> = fused::attention(
+            gpu(q),
+            gpu(k).narrow(2, 0, keys),
+            gpu(v).narrow(2, 0, keys),
+            Tensor::<Wgpu, 4, Bool>::from_data(mask, &dev),
+        )
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .unwrap();
+        let max_diff = max_abs_diff(&got, &want);
+        assert!(
+            max_diff < 1e-4,
+            "{rows} rows, {keys} keys: kernel vs cpu differ by {max_diff}"
+        );
+    }
+}
+
+/// SmolLM2 decoding on WGPU through the kernel: a batch of two left-padded prompts gives
+/// PyTorch's greedy continuation for the fixture's prompt, and the CPU backend's tokens and
+/// log-probs for the other.
+#[test]
+fn wgpu_smollm2_decoding_with_the_attention_kernel_matches_pytorch_and_cpu() {
+    register_attention_kernel();
+    let fx = read_json("smollm2_parity.json");
+    let case = &fx["cases"][1]; // no EOS in its first 6 greedy tokens
+    let cpu = smollm2();
+    let tok = cpu.tokenizer().unwrap();
+    let prompts = vec![ids_of(&case["input_ids"]), tok.encode("Hi", false).unwrap()];
+    let cfg = GenerationConfig {
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let want = generate(&cpu.model, None, &prompts, &cfg).unwrap();
+
+    let path = r2m_models::hub::fetch_smollm2(&mut |m| eprintln!("{m}")).expect("fetch smollm2");
+    let gpu = load_gguf::<Wgpu>(&path, &Default::default()).expect("load smollm2");
+    let got = generate(&gpu.model, None, &prompts, &cfg).unwrap();
+    assert_eq!(
+        got[0].tokens,
+        ids_of(&case["greedy_ids"])[..6],
+        "wgpu vs PyTorch's greedy continuation of {}",
+        case["name"]
+    );
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.tokens, w.tokens, "wgpu vs cpu tokens");
+        let max_diff = max_abs_diff(&g.logprobs, &w.logprobs);
+        assert!(
+            max_diff < 1e-3,
+            "wgpu vs cpu log-probs differ by {max_diff}"
         );
     }
 }

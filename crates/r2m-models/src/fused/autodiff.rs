@@ -13,13 +13,9 @@
 //! training step, head-major RoPE included.)
 //!
 //! Model code is generic over `B: Backend` and cannot tell `Autodiff<I>` apart from other
-//! backends, nor name `I`. So [`register`] files the ops for `Autodiff<I>` under its `TypeId`
-//! (the CLI does it for the backend it picked, see `r2m-cli`'s `backends.rs`), and [`ops`] looks
-//! them up. A backend nobody registered runs the tensor ops, which compute the same values.
-
-use std::any::{Any, TypeId};
-use std::collections::HashMap;
-use std::sync::{OnceLock, RwLock};
+//! backends, nor name `I`. So [`register`] files the ops for `Autodiff<I>` (`registry.rs`; the CLI
+//! does it for the backend it picked, see `r2m-cli`'s `backends.rs`), and [`ops`] looks them up. A
+//! backend nobody registered runs the tensor ops, which compute the same values.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -56,36 +52,20 @@ impl<B: Backend> Clone for AutodiffOps<B> {
 }
 impl<B: Backend> Copy for AutodiffOps<B> {}
 
-/// `TypeId` of `Autodiff<I>` -> its `AutodiffOps`.
-fn registry() -> &'static RwLock<HashMap<TypeId, Box<dyn Any + Send + Sync>>> {
-    static REGISTRY: OnceLock<RwLock<HashMap<TypeId, Box<dyn Any + Send + Sync>>>> =
-        OnceLock::new();
-    REGISTRY.get_or_init(Default::default)
-}
-
 /// Make [`super::rope`], [`super::rms_norm`] and [`super::attention`] take their custom autodiff
 /// ops under `Autodiff<I>`. Call it once for the backend a program runs on; calling it again
 /// does nothing more.
 pub fn register<I: Backend>() {
-    let ops = AutodiffOps::<Autodiff<I>> {
+    super::registry::register(AutodiffOps::<Autodiff<I>> {
         rope: rope::<I>,
         rms_norm: rms_norm::<I>,
         attention: attention::<I>,
-    };
-    registry()
-        .write()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .insert(TypeId::of::<Autodiff<I>>(), Box::new(ops));
+    });
 }
 
 /// The custom ops registered for `B`, if `B` is an `Autodiff<I>` that [`register`] was called for.
 pub(super) fn ops<B: Backend>() -> Option<AutodiffOps<B>> {
-    let map = registry()
-        .read()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    map.get(&TypeId::of::<B>())?
-        .downcast_ref::<AutodiffOps<B>>()
-        .copied()
+    super::registry::lookup::<AutodiffOps<B>>()
 }
 
 fn float<I: Backend, const D: usize>(t: I::FloatTensorPrimitive) -> Tensor<I, D> {

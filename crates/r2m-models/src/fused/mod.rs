@@ -25,7 +25,9 @@
 //!
 //! Under `Autodiff` of any other backend (the GPU ones), [`rope`], [`rms_norm`] and [`attention`]
 //! are custom autodiff ops too, written with tensor ops and a backward pass of their own
-//! (`fused/autodiff.rs`), once [`register_autodiff_ops`] was called for that backend.
+//! (`fused/autodiff.rs`), once [`register_autodiff_ops`] was called for that backend. With the
+//! `cubecl` feature, decoding's [`attention`] on a GPU backend is one kernel of its own
+//! (`fused/cube.rs`), once [`register_cube_ops`] was called for that backend.
 
 use burn::optim::AdamWState;
 use burn::tensor::activation::{log_softmax, silu, softmax};
@@ -237,7 +239,9 @@ pub fn write_positions<B: Backend>(
 
 /// Scaled dot-product attention, `softmax(q kᵀ / √head_dim, masked) v`.
 ///
-/// Other backends than flex compute it with tensor ops: the two products around a plain softmax.
+/// On the cubecl backends [`register_cube_ops`] was called for, a few query rows per head
+/// (decoding) take one kernel (`fused/cube.rs`) instead of six. Otherwise backends other than flex
+/// compute it with tensor ops: the two products around a plain softmax.
 /// burn's own `attention` (whose fallback cubecl takes unless autotune is on) also clamps each
 /// row's max and sum so that fully masked rows give zeros instead of NaN: two comparisons and two
 /// masked fills more per layer, none of which burn's fusion merges. Our masks never mask a whole
@@ -258,6 +262,13 @@ pub fn attention<B: Backend>(
         Ok(out) => return out,
         Err(inputs) => inputs,
     };
+    #[cfg(feature = "cubecl")]
+    if let Some(ops) = cube::ops::<B>() {
+        let [_, _, rows, head_dim] = q.dims();
+        if rows <= cube::MAX_ROWS && head_dim <= cube::MAX_HEAD_DIM {
+            return (ops.attention_rows)(q, k, v, mask);
+        }
+    }
     if let Some(ops) = autodiff::ops::<B>() {
         return (ops.attention)(q, k, v, mask);
     }
@@ -355,9 +366,15 @@ pub fn adamw<B: Backend, const D: usize>(
 }
 
 pub use autodiff::register as register_autodiff_ops;
+#[cfg(feature = "cubecl")]
+pub use cube::register as register_cube_ops;
 
-// Custom autodiff ops for the other backends (autodiff.rs).
+// Custom autodiff ops for the other backends (autodiff.rs), the cubecl kernels (cube.rs), and
+// where the backend-specific ops are filed (registry.rs).
 mod autodiff;
+#[cfg(feature = "cubecl")]
+mod cube;
+mod registry;
 // The kernels (flex.rs), the vectorizable row arithmetic they share (lanes.rs), and the tests
 // that hold each kernel and its gradient to burn's own ops (tests.rs).
 #[cfg(feature = "flex")]
