@@ -33,8 +33,8 @@ type RopeFn<B> =
     fn(Tensor<B, 3>, usize, (&Tensor<B, 3>, &Tensor<B, 3>), &RopeIndex<B>) -> Tensor<B, 4>;
 /// [`super::rms_norm`]'s signature.
 type RmsNormFn<B> = fn(Tensor<B, 3>, Tensor<B, 1>, f64) -> Tensor<B, 3>;
-/// [`super::attention`]'s signature.
-type AttentionFn<B> =
+/// [`super::attention`]'s signature (also `cube.rs`'s kernel's).
+pub(super) type AttentionFn<B> =
     fn(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4, Bool>) -> Tensor<B, 4>;
 
 /// The custom ops for one backend `B` (an `Autodiff<I>`).

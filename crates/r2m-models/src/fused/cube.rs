@@ -27,6 +27,8 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionRuntime};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
+
+use super::autodiff::AttentionFn;
 use cubecl::prelude::{CubeCount, CubeDim};
 
 /// The most query rows per (sequence, K/V head) that take the kernel: one position times the
@@ -46,8 +48,8 @@ mod kernel {
     const MASKED: f32 = -1.0e30;
 
     /// `out[b, h, r] = softmax(scale · q[b, h, r] · k[b, h]ᵀ, masked) · v[b, h]`, one cube per
-    /// `(r, h, b)`; `threads` (a power of two, at least the head dim) threads per cube. Every tensor is
-    /// read through its strides.
+    /// `(r, h, b)`; `threads` (a power of two, at least the head dim) threads per cube. Every
+    /// tensor is read through its strides.
     #[cube(launch)]
     pub(super) fn attention_rows_kernel<F: Float, M: Numeric>(
         q: &Tensor<F>,    // [batch, heads, rows, head_dim]
@@ -183,8 +185,8 @@ mod kernel {
     }
 }
 
-/// Launch [`kernel::attention_rows_kernel`] on cubecl tensors; returns `[batch, heads, rows, head_dim]`
-/// in `q`'s type.
+/// Launch [`kernel::attention_rows_kernel`] on cubecl tensors; returns `[batch, heads, rows,
+/// head_dim]` in `q`'s type.
 fn attention_rows<R: CubeRuntime>(
     q: CubeTensor<R>,
     k: CubeTensor<R>,
@@ -217,10 +219,6 @@ fn attention_rows<R: CubeRuntime>(
     );
     out
 }
-
-/// [`super::attention`]'s signature.
-type AttentionFn<B> =
-    fn(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4, Bool>) -> Tensor<B, 4>;
 
 /// The kernels filed for one cubecl backend `B`.
 pub(super) struct CubeOps<B: Backend> {
