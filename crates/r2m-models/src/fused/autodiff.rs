@@ -22,7 +22,6 @@ use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
-use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor, TensorPrimitive};
 
@@ -172,11 +171,8 @@ pub(super) fn rms_norm<I: Backend>(
     );
     let (x, w): (Tensor<I, 3>, Tensor<I, 1>) =
         (float(xa.primitive.clone()), float(wa.primitive.clone()));
-    // The weight reshaped first: a reshape between the divide and the product would split
-    // burn's fused kernel in two (see `super::rms_norm`).
-    let w3 = w.clone().reshape([1, 1, w.dims()[0]]);
-    let rms = (x.clone().square().mean_dim(2) + eps).sqrt();
-    let out = (x.clone() / rms.clone() * w3).into_primitive().tensor();
+    let (out, rms) = super::rms_norm_ops(x.clone(), w.clone(), eps);
+    let out = out.into_primitive().tensor();
     let out = match RmsNormBackward
         .prepare::<NoCheckpointing>([xa.node.clone(), wa.node.clone()])
         .compute_bound()
@@ -234,9 +230,7 @@ pub(super) fn attention<I: Backend>(
 ) -> Tensor<Autodiff<I>, 4> {
     let [qa, ka, va] = [q, k, v].map(|t| t.into_primitive().tensor());
     let [qi, ki, vi]: [Tensor<I, 4>; 3] = [&qa, &ka, &va].map(|t| float(t.primitive.clone()));
-    let scale = 1.0 / (qi.dims()[3] as f64).sqrt();
-    let scores = qi.clone().matmul(ki.clone().swap_dims(2, 3)) * scale;
-    let probs = softmax(scores.mask_fill(mask.inner(), f32::NEG_INFINITY), 3);
+    let probs = super::attention_probs(qi.clone(), ki.clone(), mask.inner());
     let out = probs.clone().matmul(vi.clone());
     let out_primitive = out.clone().into_primitive().tensor();
     let out = match AttentionBackward

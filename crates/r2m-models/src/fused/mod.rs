@@ -61,9 +61,19 @@ pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, eps: f64) -> 
     if let Some(ops) = autodiff::ops::<B>() {
         return (ops.rms_norm)(x, weight, eps);
     }
+    rms_norm_ops(x, weight, eps).0
+}
+
+/// [`rms_norm`] with tensor ops, and each row's rms (`[batch, seq, 1]`, which the custom autodiff
+/// op keeps for its backward pass).
+fn rms_norm_ops<B: Backend>(
+    x: Tensor<B, 3>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> (Tensor<B, 3>, Tensor<B, 3>) {
     let weight = weight.unsqueeze::<3>();
     let rms = (x.clone().square().mean_dim(2) + eps).sqrt();
-    x / rms * weight
+    (x / rms.clone() * weight, rms)
 }
 
 /// `x w`: the linear layers and the tied LM head. On flex, a few rows of `x` (decoding: one row
@@ -282,9 +292,19 @@ fn attention_ops<B: Backend>(
     v: Tensor<B, 4>,
     mask: Tensor<B, 4, Bool>,
 ) -> Tensor<B, 4> {
+    attention_probs(q, k, mask).matmul(v)
+}
+
+/// Attention's probabilities, `softmax(q kᵀ / √head_dim, masked)` (`[batch, heads, rows, keys]`),
+/// which the custom autodiff op keeps for its backward pass.
+fn attention_probs<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    mask: Tensor<B, 4, Bool>,
+) -> Tensor<B, 4> {
     let head_dim = q.dims()[3];
     let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (head_dim as f64).sqrt());
-    softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 3).matmul(v)
+    softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 3)
 }
 
 /// Log-probability of each target token under `logits`, `log_softmax(logits)[.., target]`.
