@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """PyTorch baseline for SmolLM2-135M-Instruct, to compare r2m's throughput against
-(`r2m bench`, crates/r2m-cli/src/bench.rs prints the same JSON keys).
+(`r2m bench`, r2m-cli/src/bench.rs prints the same JSON keys).
 
 Model: by default the GGUF (Q4_1, dequantized to f32 by transformers); with
 --random-init the same architecture from smollm2-135m-config.json with random

@@ -7,8 +7,9 @@ use burn::tensor::{Int, Tensor, TensorData};
 use r2m_models::{load_gguf, Loaded};
 use serde_json::Value;
 
-/// The CPU backend every test runs on.
-pub type TB = burn::backend::Flex;
+/// The CPU backend every test runs on, and it with gradients: the workspace's one test-backend
+/// alias (`r2m_core::testing`).
+pub use r2m_core::testing::{TestAutodiff as AB, TestBackend as TB};
 
 pub fn device() -> burn::backend::flex::FlexDevice {
     Default::default()
@@ -70,7 +71,7 @@ pub fn smollm2() -> &'static Loaded<TB> {
 }
 
 /// The tiny random-weight Llama-3 fixture as a trainable policy (vocab 256, EOS 2).
-pub fn tiny_policy() -> r2m_models::CausalLm<burn::backend::Autodiff<TB>> {
+pub fn tiny_policy() -> r2m_models::CausalLm<AB> {
     r2m_models::load_hf_dir(&fixture_dir().join("tiny/tiny-llama3"), &device())
         .unwrap()
         .model

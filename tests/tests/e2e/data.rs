@@ -1,5 +1,6 @@
-//! Real preference data: `shared/data/hh-rlhf/harmless-base-test.jsonl.gz` (read from the shared
-//! folder beside the repository; not copied into it).
+//! Real preference data: `data/hh-rlhf/harmless-base-test.jsonl.gz`, shipped in the repository
+//! (MIT, see `data/README.md`), so a fresh clone runs these tests; `R2M_SHARED=DIR` reads
+//! `DIR/data/hh-rlhf/` instead (the shared folder beside a checkout holds the same file).
 
 use std::path::PathBuf;
 
@@ -9,7 +10,7 @@ use r2m_models::ChatMessage;
 fn hh_path() -> PathBuf {
     let base = std::env::var_os("R2M_SHARED")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."));
     base.join("data/hh-rlhf/harmless-base-test.jsonl.gz")
 }
 

@@ -156,3 +156,27 @@ fn missing_weights_file_is_reported() {
         .to_string();
     assert!(msg.contains("no model.safetensors"), "{msg}");
 }
+
+#[test]
+fn a_policy_tokenizer_other_than_the_rms_is_refused_with_what_differs() {
+    use r2m_rl::reward::check_same_tokenizer;
+    let smol = smollm2().tokenizer().unwrap();
+    check_same_tokenizer(smol, smol).unwrap();
+    // A word-level tokenizer of three words: another vocabulary.
+    let dir = tempfile::tempdir().unwrap();
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "Human": 1, "Paris": 2}, "unk_token": "[UNK]"}
+    });
+    std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
+    let other = r2m_models::Tokenizer::from_hf_dir(dir.path()).unwrap();
+    let e = check_same_tokenizer(smol, &other).unwrap_err().to_string();
+    assert!(e.contains("differs") && e.contains("3 tokens"), "{e}");
+}

@@ -4,9 +4,11 @@
 //! `transformers` on the same weights). The SmolLM2 tests fetch the default model on first use.
 
 mod backends;
+mod command;
 mod common;
 mod data;
 mod errors;
+mod lora;
 mod models;
 mod overopt;
 mod r2m;

@@ -3,16 +3,13 @@
 
 use std::sync::atomic::AtomicBool;
 
-use burn::backend::Autodiff;
-use r2m_rl::config::RmMethod;
-use r2m_rl::overopt::{
+use r2m_experiments::overopt::{
     method_name, run_dir, run_experiment, ExperimentControl, GoldPair, OveroptConfig, ALL_METHODS,
 };
-use r2m_rl::vader;
+use r2m_experiments::vader;
+use r2m_rl::config::RmMethod;
 
 use crate::common::*;
-
-type AB = Autodiff<TB>;
 
 fn lines(path: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
@@ -35,7 +32,7 @@ fn overopt_reduced_runs_every_method_resumes_and_reports() {
     let stop = AtomicBool::new(true);
     let ctl = ExperimentControl {
         interrupt: Some(&stop),
-        quiet: true,
+        ..Default::default()
     };
     let s = run_experiment::<AB>(&cfg, &exp, &device(), ctl).unwrap();
     assert!(s.interrupted && s.ran.is_empty() && s.report.is_none());
@@ -66,10 +63,7 @@ fn overopt_reduced_runs_every_method_resumes_and_reports() {
     assert!(s.proxy_rm.calibration.proxy_std > 0.0);
 
     let run_quietly = |c: &OveroptConfig| {
-        let ctl = ExperimentControl {
-            quiet: true,
-            ..Default::default()
-        };
+        let ctl = ExperimentControl::default();
         run_experiment::<AB>(c, &exp, &device(), ctl)
     };
 

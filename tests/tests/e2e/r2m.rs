@@ -3,17 +3,14 @@
 
 use std::collections::HashMap;
 
-use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module};
 use r2m_models::{load_hf_dir, CausalLm, RewardModel};
 use r2m_rl::advantage::AdvantageKind;
 use r2m_rl::config::{R2mConfig, RewardKind, RewardSection, RmMethod};
-use r2m_rl::rollout::Rollout;
-use r2m_rl::{LearnedRm, R2mReward, RlConfig, RlTrainer, RmUpdateStats, RolloutReward};
+use r2m_rl::{Diagnostics, Experience, LearnedRm, R2mReward, RlConfig, RlTrainer, RolloutReward};
+use r2m_rl::{Scored, Trainable};
 
 use crate::common::*;
-
-type AB = Autodiff<TB>;
 
 /// A reward model on the tiny body with a seeded head (token ids are shared with the policy).
 fn tiny_rm() -> LearnedRm<TB> {
@@ -87,10 +84,23 @@ fn policy_weights(p: &CausalLm<AB>) -> HashMap<String, Vec<f32>> {
         .collect()
 }
 
-/// A rollout with the old policy's hidden states.
-fn rollout(trainer: &mut RlTrainer<AB>, seed: u64) -> Rollout<TB> {
+/// An experience with the old policy's hidden states.
+fn rollout(trainer: &mut RlTrainer<AB>, seed: u64) -> Experience<TB> {
     trainer.keep_hidden = true;
     trainer.rollout(tiny_prompts(3), seed).unwrap().0
+}
+
+/// Score `exp` with `reward` as the trainer does: the scores and `H_last` go into it.
+fn score(reward: &mut dyn RolloutReward<TB>, exp: &mut Experience<TB>, t: usize) -> Vec<f32> {
+    let Scored { scores, rm_hidden } = reward.score_experience(exp, t, 4).unwrap();
+    exp.scores = scores.clone();
+    exp.rm_hidden = rm_hidden;
+    scores
+}
+
+/// The R2M update after scoring, with the old pass's `h` standing in for `h'`.
+fn rm_update(reward: &mut dyn RolloutReward<TB>, exp: &Experience<TB>, t: usize) -> Diagnostics {
+    reward.update(exp, exp.hidden.as_ref(), t, 4).unwrap()
 }
 
 #[test]
@@ -99,7 +109,9 @@ fn zero_output_weights_score_exactly_the_vanilla_reward_times_w() {
     let mut trainer = RlTrainer::new(tiny_policy(), None, cfg.clone()).unwrap();
     let ro = rollout(&mut trainer, 1);
     let mut vanilla = tiny_rm();
-    let v = RolloutReward::<TB>::score_rollout(&mut vanilla, &ro, 1, 4).unwrap();
+    let v = RolloutReward::<TB>::score_experience(&mut vanilla, &ro, 1, 4)
+        .unwrap()
+        .scores;
     for (t, omega) in [(4, 0.7), (1, 1.0)] {
         let mut r = R2mReward::<AB>::new(
             tiny_rm(),
@@ -111,7 +123,7 @@ fn zero_output_weights_score_exactly_the_vanilla_reward_times_w() {
                 ..Default::default()
             },
         );
-        let got = r.score_rollout(&ro, t, 4).unwrap();
+        let got = r.score_experience(&ro, t, 4).unwrap().scores;
         let w = r2m_core::r2m::time_step_weight(t, 4, omega) as f32;
         for (g, v) in got.iter().zip(&v) {
             assert!((g - w * v).abs() < 1e-5, "t={t}: {g} vs {w} * {v}");
@@ -119,7 +131,7 @@ fn zero_output_weights_score_exactly_the_vanilla_reward_times_w() {
     }
     // A random W_o (the paper's start) does change the rewards.
     let mut r = r2m(RmMethod::R2m, &cfg);
-    let got = r.score_rollout(&ro, 4, 4).unwrap();
+    let got = r.score_experience(&ro, 4, 4).unwrap().scores;
     assert!(got.iter().zip(&v).any(|(g, v)| (g - 0.7 * v).abs() > 1e-3));
 }
 
@@ -128,20 +140,18 @@ fn rm_update_trains_only_the_head_and_policy_update_leaves_the_head_alone() {
     let cfg = config(RmMethod::R2m);
     let mut trainer = RlTrainer::new(tiny_policy(), None, cfg.clone()).unwrap();
     let mut reward = r2m(RmMethod::R2m, &cfg);
-    let ro = rollout(&mut trainer, 2);
-    let scores = reward.score_rollout(&ro, 1, 4).unwrap();
+    let mut ro = rollout(&mut trainer, 2);
+    let scores = score(&mut reward, &mut ro, 1);
     let policy_before = policy_weights(&trainer.policy);
     let head_before = params(&reward.head.valid());
-    let stats = reward
-        .after_policy_update(&ro, &scores, 1, 4)
-        .unwrap()
-        .unwrap();
-    assert!(stats.rm_loss.unwrap().is_finite() && stats.rm_grad_norm.unwrap() > 0.0);
+    let stats = rm_update(&mut reward, &ro, 1);
+    assert!(stats.get("rm_loss").unwrap().is_finite());
+    assert!(stats.get("rm_grad_norm").unwrap() > 0.0);
     // The RM update moved the head and nothing of the policy.
     assert_ne!(params(&reward.head.valid()), head_before);
     assert_eq!(policy_weights(&trainer.policy), policy_before);
     // The rescored rewards moved toward the update's target.
-    let after = reward.score_rollout(&ro, 1, 4).unwrap();
+    let after = reward.score_experience(&ro, 1, 4).unwrap().scores;
     assert_ne!(after, scores);
 
     // During a full RL step, the policy update (which runs before the RM update) leaves the
@@ -158,24 +168,24 @@ fn rm_update_trains_only_the_head_and_policy_update_leaves_the_head_alone() {
         fn wants_hidden(&self) -> bool {
             true
         }
-        fn score_rollout(
+        fn score_experience(
             &mut self,
-            r: &Rollout<TB>,
+            r: &Experience<TB>,
             t: usize,
             n: usize,
-        ) -> r2m_core::Result<Vec<f32>> {
+        ) -> r2m_core::Result<Scored<TB>> {
             self.at_score = Some(params(&self.inner.head.valid()));
-            self.inner.score_rollout(r, t, n)
+            self.inner.score_experience(r, t, n)
         }
-        fn after_policy_update(
+        fn update(
             &mut self,
-            r: &Rollout<TB>,
-            s: &[f32],
+            r: &Experience<TB>,
+            h: Option<&burn::tensor::Tensor<TB, 3>>,
             t: usize,
             n: usize,
-        ) -> r2m_core::Result<Option<RmUpdateStats>> {
+        ) -> r2m_core::Result<Diagnostics> {
             self.at_update = Some(params(&self.inner.head.valid()));
-            self.inner.after_policy_update(r, s, t, n)
+            self.inner.update(r, h, t, n)
         }
     }
     let policy_before = policy_weights(&trainer.policy);
@@ -184,40 +194,63 @@ fn rm_update_trains_only_the_head_and_policy_update_leaves_the_head_alone() {
         at_score: None,
         at_update: None,
     };
-    let (m, _, _) = trainer.step(tiny_prompts(3), &mut spy).unwrap();
+    let (m, _) = trainer.step(tiny_prompts(3), &mut spy).unwrap();
     assert_eq!(spy.at_score, spy.at_update);
     assert_ne!(policy_weights(&trainer.policy), policy_before);
-    assert!(m.rm.as_ref().unwrap().rm_loss.is_some());
+    assert!(m.diagnostics.get("rm_loss").is_some());
 }
 
 #[test]
 fn final_epoch_refreshes_h_with_the_training_forward_passes() {
-    // With lr 0 the policy does not move, so h' must equal the old pass's h at every real
-    // position: checks the per-micro-batch slices are put back in the right rows and columns.
+    // Two epochs of one mini-batch each: the final epoch's forward passes run on the policy
+    // after epoch 1's optimizer step, so h' must equal the hidden states of a policy trained
+    // for one epoch (recomputed from scratch), and differ from the old pass's h. Micro-batches
+    // of 5 rows check that the slices are put back in the right rows and columns.
     let mut cfg = config(RmMethod::R2m);
-    cfg.optim.lr = 0.0;
+    cfg.optim.mini_batch_size = 12;
     cfg.optim.micro_batch_size = 5;
-    for trainable in ["all", "top:1"] {
-        cfg.model.trainable = trainable.into();
+    for trainable in [Trainable::All, Trainable::Top(1)] {
+        cfg.model.trainable = trainable;
         let mut trainer = RlTrainer::new(tiny_policy(), None, cfg.clone()).unwrap();
         let mut ro = rollout(&mut trainer, 3);
-        let old = to_vec(ro.hidden.clone().unwrap());
         let [rows, s, d] = ro.hidden.as_ref().unwrap().dims();
-        let adv: Vec<Vec<f32>> = (0..rows).map(|r| vec![0.1; ro.response_len(r)]).collect();
-        trainer.update(&mut ro, &adv, None, 9).unwrap();
-        let new = to_vec(ro.hidden.clone().unwrap());
-        assert_eq!(ro.hidden.as_ref().unwrap().dims(), [rows, s, d]);
+        ro.advantages = (0..rows)
+            .map(|r| vec![if r % 2 == 0 { 1.0 } else { -1.0 }; ro.response_len(r)])
+            .collect();
+        let update = trainer.update(&ro, 9).unwrap();
+        let fresh = update.hidden.expect("h' with keep_hidden");
+        assert_eq!(fresh.dims(), [rows, s, d]);
+        // The same first epoch alone.
+        let mut one = cfg.clone();
+        one.optim.epochs = 1;
+        let mut after_one = RlTrainer::new(tiny_policy(), None, one).unwrap();
+        after_one.keep_hidden = true;
+        after_one.update(&ro, 9).unwrap();
+        let policy = after_one.policy.valid();
+        let all: Vec<usize> = (0..rows).collect();
+        let sl = ro.full_slice(&all);
+        let want = r2m_rl::rollout::final_hidden(
+            &policy,
+            r2m_rl::rollout::Start::Tokens(ro.input_ids::<TB>(&sl, &device())),
+            &ro.input_padding(&sl),
+        );
+        let (old, new, want) = (
+            to_vec(ro.hidden.clone().unwrap()),
+            to_vec(fresh),
+            to_vec(want),
+        );
+        let mut moved = 0f32;
         for r in 0..rows {
             for c in 0..s {
                 if ro.padding.valid[r][c] {
-                    let (a, b) = (
-                        &old[(r * s + c) * d..(r * s + c + 1) * d],
-                        &new[(r * s + c) * d..(r * s + c + 1) * d],
-                    );
-                    assert!(max_abs_diff(a, b) < 1e-4, "{trainable}: row {r} col {c}");
+                    let at = (r * s + c) * d..(r * s + c + 1) * d;
+                    let diff = max_abs_diff(&new[at.clone()], &want[at.clone()]);
+                    assert!(diff < 1e-4, "{trainable}: row {r} col {c}: {diff}");
+                    moved = moved.max(max_abs_diff(&new[at.clone()], &old[at]));
                 }
             }
         }
+        assert!(moved > 1e-3, "{trainable}: h' equals h ({moved})");
     }
 }
 
@@ -227,9 +260,9 @@ fn noise_control_feeds_noise_of_matched_mean_and_variance() {
     let mut trainer = RlTrainer::new(tiny_policy(), None, cfg.clone()).unwrap();
     let ro = rollout(&mut trainer, 4);
     let mut noisy = r2m(RmMethod::R2mNoise, &cfg);
-    let (noise, mask) = noisy.feedback(&ro).unwrap();
+    let (noise, mask) = noisy.feedback(&ro, ro.hidden.as_ref()).unwrap();
     let mut real = r2m(RmMethod::R2m, &cfg);
-    let (h, _) = real.feedback(&ro).unwrap();
+    let (h, _) = real.feedback(&ro, ro.hidden.as_ref()).unwrap();
     let [rows, s, d] = h.dims();
     let mask: Vec<bool> = mask.into_data().to_vec().unwrap();
     let stats = |v: &[f32]| {
@@ -270,11 +303,20 @@ fn every_control_runs_and_trains_what_it_should() {
         let fusion0 = params(&reward.head.fusion.valid());
         let phi0 = params(&reward.head.score.valid());
         for _ in 0..2 {
-            let (m, _, _) = trainer.step(tiny_prompts(3), &mut reward).unwrap();
+            let (m, _) = trainer.step(tiny_prompts(3), &mut reward).unwrap();
             assert!(m.reward_mean.is_finite(), "{name}");
-            let rm = m.rm.expect("stats");
-            assert_eq!(rm.rm_loss.is_some(), reward.trains(), "{name}");
-            assert!(rm.r2m_w <= 1.0 && rm.r2m_w >= 0.7, "{name}");
+            let d = &m.diagnostics;
+            let w = d.get("r2m_w").expect("w(t)");
+            assert_eq!(d.get("rm_loss").is_some(), reward.trains(), "{name}");
+            assert!((0.7..=1.0).contains(&w), "{name}");
+            // The GREBT loss is (1 - alpha) BT + alpha GRE: alpha = 0 is BT alone, 1 GRE alone.
+            if let (Some(loss), Some(bt), Some(gre)) =
+                (d.get("rm_loss"), d.get("rm_bt"), d.get("rm_gre"))
+            {
+                let mix = (1.0 - alpha) * bt + alpha * gre;
+                assert!((loss - mix).abs() < 1e-5, "{name}: {loss} vs {mix}");
+                assert!((bt - gre).abs() > 1e-3, "{name}: BT and GRE coincide");
+            }
         }
         let fusion_moved = params(&reward.head.fusion.valid()) != fusion0;
         let phi_moved = params(&reward.head.score.valid()) != phi0;
@@ -300,9 +342,9 @@ fn r2m_works_with_every_advantage_estimator() {
         cfg.algo.advantage = adv;
         let mut trainer = RlTrainer::new(tiny_policy(), None, cfg.clone()).unwrap();
         let mut reward = r2m(RmMethod::R2m, &cfg);
-        let (m, ro, _) = trainer.step(tiny_prompts(3), &mut reward).unwrap();
-        assert!(m.rm.unwrap().rm_loss.unwrap().is_finite(), "{adv:?}");
-        assert!(ro.hidden.is_some());
+        let (m, ro) = trainer.step(tiny_prompts(3), &mut reward).unwrap();
+        assert!(m.diagnostics.get("rm_loss").unwrap().is_finite(), "{adv:?}");
+        assert!(ro.hidden.is_some() && ro.rm_hidden.is_some());
     }
 }
 
@@ -310,10 +352,10 @@ fn r2m_works_with_every_advantage_estimator() {
 fn saved_state_resumes_the_head_and_its_optimizer_exactly() {
     let cfg = config(RmMethod::R2m);
     let mut trainer = RlTrainer::new(tiny_policy(), None, cfg.clone()).unwrap();
-    let ro = rollout(&mut trainer, 5);
+    let mut ro = rollout(&mut trainer, 5);
     let mut a = r2m(RmMethod::R2m, &cfg);
-    let scores = a.score_rollout(&ro, 1, 4).unwrap();
-    a.after_policy_update(&ro, &scores, 1, 4).unwrap();
+    score(&mut a, &mut ro, 1);
+    rm_update(&mut a, &ro, 1);
     let dir = tempfile::tempdir().unwrap();
     a.save(dir.path()).unwrap();
     let mut b = R2mReward::<AB>::new(
@@ -330,8 +372,8 @@ fn saved_state_resumes_the_head_and_its_optimizer_exactly() {
     assert_eq!(b.updates, 1);
     // The next update is identical only if AdamW's moments and step count came back too.
     for r in [&mut a, &mut b] {
-        let s = r.score_rollout(&ro, 2, 4).unwrap();
-        r.after_policy_update(&ro, &s, 2, 4).unwrap();
+        score(r, &mut ro, 2);
+        rm_update(r, &ro, 2);
     }
     assert_eq!(params(&b.head.valid()), params(&a.head.valid()));
     // A head of another size is refused with the file named.
@@ -353,7 +395,7 @@ fn offline_scoring_with_the_policy_equals_the_rl_loop_at_t_equals_t() {
     let mut trainer = RlTrainer::new(tiny_policy(), None, cfg.clone()).unwrap();
     let ro = rollout(&mut trainer, 6);
     let mut r = r2m(RmMethod::R2m, &cfg);
-    let in_loop = r.score_rollout(&ro, 4, 4).unwrap();
+    let in_loop = r.score_experience(&ro, 4, 4).unwrap().scores;
     let seqs: Vec<Vec<u32>> = (0..ro.rows())
         .map(|row| {
             ro.prompt_of(row)
@@ -364,7 +406,7 @@ fn offline_scoring_with_the_policy_equals_the_rl_loop_at_t_equals_t() {
                 .collect()
         })
         .collect();
-    let offline = r.score_with_policy(&trainer.policy.valid(), &seqs);
+    let offline = r.score_with_policy(&trainer.policy.valid(), &seqs, &r2m_core::Silent);
     assert!(
         max_abs_diff(&in_loop, &offline) < 1e-4,
         "{in_loop:?} vs {offline:?}"

@@ -1,7 +1,6 @@
 //! Reward models: the HF sequence-classification layout, reading at the last real token, and
 //! Bradley-Terry training that can fit a small set of pairs.
 
-use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::{Int, Tensor, TensorData};
@@ -76,7 +75,6 @@ fn reward_is_read_at_the_last_real_token_and_survives_save_reload() {
 
 #[test]
 fn tiny_reward_model_overfits_16_pairs() {
-    type AB = Autodiff<TB>;
     let dev = device();
     let mut rm = tiny_rm::<AB>(&dev);
     // 16 pairs of random sequences; the label is arbitrary, so fitting it needs real learning.
@@ -162,7 +160,15 @@ fn frozen_features_with_a_shared_prompt_are_exact() {
     let n = rm.backbone.layers.len();
     // A small budget forces several batches of mixed lengths.
     for (upto, last_only) in [(n, true), (n - 1, false), (0, false)] {
-        let feats = frozen_features(&rm.backbone, &pairs, upto, last_only, 40, "test");
+        let feats = frozen_features(
+            &rm.backbone,
+            &pairs,
+            upto,
+            last_only,
+            40,
+            "test",
+            &r2m_core::Silent,
+        );
         let inputs = PairInputs::Features {
             pairs: &pairs,
             features: &feats,
@@ -186,24 +192,20 @@ fn frozen_features_with_a_shared_prompt_are_exact() {
 fn train_tiny(
     pairs: &[TokenizedPair],
     cfg: &RmTrainConfig,
-) -> (
-    tempfile::TempDir,
-    RewardModel<Autodiff<TB>>,
-    r2m_rl::RmTrainSummary,
-) {
+) -> (tempfile::TempDir, RewardModel<AB>, r2m_rl::RmTrainSummary) {
     let tmp = tempfile::tempdir().unwrap();
     let out = RmOutputs {
         dir: tmp.path(),
         tokenizer: None,
+        observer: &r2m_core::Silent,
     };
     let (rm, summary) =
-        train_reward_model(tiny_rm::<Autodiff<TB>>(&device()), pairs, pairs, cfg, out).unwrap();
+        train_reward_model(tiny_rm::<AB>(&device()), pairs, pairs, cfg, out).unwrap();
     (tmp, rm, summary)
 }
 
 #[test]
 fn train_rm_fits_16_pairs_in_every_trainable_setting_and_saves() {
-    type AB = Autodiff<TB>;
     let rm0 = tiny_rm::<AB>(&device());
     let vocab = rm0.backbone.config.vocab_size as u32;
     let pairs = random_pairs(16, vocab, 99);
@@ -228,7 +230,7 @@ fn train_rm_fits_16_pairs_in_every_trainable_setting_and_saves() {
         let (c0, r0) = plain_rewards(&rm.valid(), &pairs);
         let (c1, r1) = plain_rewards(&saved, &pairs);
         assert!(max_abs_diff(&c0, &c1) < 1e-5 && max_abs_diff(&r0, &r1) < 1e-5);
-        let e = evaluate_rm(&saved, &pairs, 64);
+        let e = evaluate_rm(&saved, &pairs, 64, &r2m_core::Silent);
         assert_eq!(e.accuracy, 1.0, "{e}");
         if trainable == Trainable::Top(1) {
             // Only the top block, the final norm and the head moved.

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 
-use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use r2m_models::{load_gguf, load_hf_dir, CausalLm, ChatMessage};
 use r2m_rl::advantage::AdvantageKind;
@@ -13,8 +12,6 @@ use r2m_rl::{Prompt, RlConfig, RlTrainer, RuleReward};
 
 use crate::common::*;
 
-type AB = Autodiff<TB>;
-
 /// The token the tiny policy is rewarded for emitting.
 const TARGET: u32 = 42;
 
@@ -22,12 +19,12 @@ fn rule_config(advantage: AdvantageKind, trainable: &str) -> RlConfig {
     let mut cfg = RlConfig {
         reward: RewardSection {
             kind: RewardKind::Rule,
-            rule: Some(format!("token-share:{TARGET}")),
+            rule: Some(RuleReward::TokenShare(TARGET)),
             ..Default::default()
         },
         ..Default::default()
     };
-    cfg.model.trainable = trainable.into();
+    cfg.model.trainable = trainable.parse().unwrap();
     cfg.rollout.prompts_per_step = 4;
     cfg.rollout.samples_per_prompt = 8;
     cfg.rollout.max_new_tokens = 8;
@@ -153,7 +150,7 @@ fn learn(advantage: AdvantageKind, steps: usize, lr: f64) -> Vec<f64> {
     let prompts = tiny_prompts(4);
     let mut curve = Vec::new();
     for _ in 0..steps {
-        let (m, _, _) = trainer.step(prompts.clone(), &mut reward).unwrap();
+        let (m, _) = trainer.step(prompts.clone(), &mut reward).unwrap();
         assert!(m.kl.is_finite() && m.grad_norm.is_finite());
         curve.push(m.reward_mean);
     }
@@ -221,9 +218,10 @@ fn missing_eos_penalty_hits_only_responses_cut_at_max_length() {
     cfg.reward.missing_eos_penalty = Some(0.5);
     let trainer = RlTrainer::new(tiny_policy(), None, cfg).unwrap();
     // Token 2 is the tiny model's EOS: a rule that rewards length 1 everywhere.
-    let (rollout, _) = trainer.rollout(tiny_prompts(4), 1).unwrap();
+    let (mut rollout, _) = trainer.rollout(tiny_prompts(4), 1).unwrap();
     let mut reward = RuleReward::Length(1);
-    let (raw, penalised) = trainer.score(&rollout, &mut reward).unwrap();
+    trainer.score(&mut rollout, &mut reward).unwrap();
+    let (raw, penalised) = (&rollout.scores, &rollout.rewards);
     let mut cut = 0;
     for (row, g) in rollout.responses.iter().enumerate() {
         let ended = g.finish == r2m_models::generate::FinishReason::Eos;
@@ -289,4 +287,64 @@ fn train_writes_metrics_samples_and_a_loadable_final_policy() {
         to_vec(reloaded.layers[1].mlp.down_proj.weight.val()),
         to_vec(trained.layers[1].mlp.down_proj.weight.val())
     );
+}
+
+#[test]
+fn kl_in_the_reward_is_k1_per_token_whatever_the_loss_estimator() {
+    for (advantage, mode) in [
+        (AdvantageKind::ReinforcePp, None),
+        (
+            AdvantageKind::Rloo,
+            Some(r2m_rl::policy_loss::KlMode::Reward),
+        ),
+    ] {
+        let mut cfg = rule_config(advantage, "all");
+        cfg.algo.kl_mode = mode;
+        cfg.algo.kl_estimator = r2m_rl::policy_loss::KlEstimator::K3;
+        cfg.algo.kl_coef = 0.5;
+        assert_eq!(cfg.algo.kl_mode(), r2m_rl::policy_loss::KlMode::Reward);
+        let mut trainer = RlTrainer::new(tiny_policy(), None, cfg.clone()).unwrap();
+        let mut reward = RuleReward::TokenShare(TARGET);
+        // One step moves the policy away from the reference, so the KL is not 0.
+        trainer.step(tiny_prompts(4), &mut reward).unwrap();
+        let (mut exp, _) = trainer.rollout(tiny_prompts(4), 5).unwrap();
+        trainer.score(&mut exp, &mut reward).unwrap();
+        trainer.advantages(&mut exp).unwrap();
+        let k1: Vec<Vec<f32>> = (exp.old_logprobs.iter().zip(&exp.ref_logprobs))
+            .map(|(o, r)| o.iter().zip(r).map(|(a, b)| a - b).collect())
+            .collect();
+        assert!(k1.iter().flatten().any(|x| x.abs() > 1e-4), "no KL");
+        let beta = trainer.kl_coef as f32;
+        let want = match advantage {
+            AdvantageKind::ReinforcePp => {
+                let tr: Vec<Vec<f32>> = (exp.rewards.iter().zip(&k1))
+                    .map(|(&r, k)| r2m_rl::advantage::token_rewards(r, k, beta))
+                    .collect();
+                r2m_rl::advantage::reinforce_pp(&tr)
+            }
+            _ => {
+                let outcome: Vec<f32> = (exp.rewards.iter().zip(&k1))
+                    .map(|(&r, k)| r - beta * k.iter().sum::<f32>())
+                    .collect();
+                let k = exp.k;
+                let seq = r2m_rl::advantage::rloo(&outcome, k);
+                (0..exp.rows())
+                    .map(|r| vec![seq[r]; exp.response_len(r)])
+                    .collect()
+            }
+        };
+        for (got, want) in exp.advantages.iter().zip(&want) {
+            assert!(max_abs_diff(got, want) < 1e-5, "{advantage:?}");
+        }
+        // Without the KL in the reward the advantages differ.
+        let mut plain = cfg.clone();
+        plain.algo.kl_mode = Some(r2m_rl::policy_loss::KlMode::Loss);
+        let mut t2 = RlTrainer::new(tiny_policy(), None, plain).unwrap();
+        t2.kl_coef = trainer.kl_coef;
+        t2.advantages(&mut exp).unwrap();
+        assert!(
+            (exp.advantages.iter().zip(&want)).any(|(g, w)| max_abs_diff(g, w) > 1e-4),
+            "{advantage:?}: the KL changed nothing"
+        );
+    }
 }

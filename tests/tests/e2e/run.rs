@@ -6,20 +6,17 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use burn::backend::Autodiff;
 use r2m_core::R2mError;
 use r2m_models::load_hf_dir;
 use r2m_rl::advantage::AdvantageKind;
 use r2m_rl::config::{RewardKind, RewardSection, RmMethod};
 use r2m_rl::run::checkpoint_dir;
 use r2m_rl::{
-    train_with, R2mReward, RewardFn, RewardInput, RlConfig, RlSummary, RlTrainer, RunControl,
-    RunEnd, StepMetrics,
+    train_with, R2mReward, RewardFn, RewardInput, RlConfig, RlSummary, RlTrainer, RuleReward,
+    RunControl, RunEnd, StepMetrics,
 };
 
 use crate::common::*;
-
-type AB = Autodiff<TB>;
 
 const CHILD_ENV: &str = "R2M_TEST_RESUME_CHILD_DIR";
 
@@ -64,7 +61,7 @@ fn run<'a>(
             resume,
             interrupt,
             after_step,
-            quiet: true,
+            observer: &r2m_core::Silent,
         },
     )
 }
@@ -224,37 +221,46 @@ impl RewardFn for NanAt {
     }
 }
 
-#[test]
-fn a_nan_reward_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint() {
+/// Train a rule-reward RLOO run with `reward` until it stops; the error must be NonFinite at
+/// `want_step`, naming `what`. Returns the error and the run directory.
+fn run_until_non_finite(
+    reward: &mut dyn r2m_rl::RolloutReward<TB>,
+    want_step: usize,
+    what: &str,
+) -> (R2mError, tempfile::TempDir) {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config();
     cfg.reward = RewardSection {
         kind: RewardKind::Rule,
-        rule: Some("length:3".into()),
+        rule: Some(RuleReward::Length(3)),
         ..Default::default()
     };
     cfg.r2m.method = RmMethod::Vanilla;
     cfg.algo.advantage = AdvantageKind::Rloo;
     let mut trainer = RlTrainer::new(tiny_policy(), None, cfg).unwrap();
-    let mut reward = NanAt(3, 0);
     let e = train_with(
         &mut trainer,
         &tiny_prompts(5),
-        &mut reward,
+        reward,
         RunControl {
             out: Some(tmp.path()),
-            quiet: true,
             ..Default::default()
         },
     )
     .unwrap_err();
     match &e {
         R2mError::NonFinite { step, tensor, .. } => {
-            assert_eq!(*step, 3);
-            assert!(tensor.contains("reward of row 1"), "{tensor}");
+            assert_eq!(*step, want_step, "{e}");
+            assert!(tensor.contains(what), "{tensor}");
         }
         other => panic!("expected NonFinite, got {other}"),
     }
+    (e, tmp)
+}
+
+#[test]
+fn a_nan_reward_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint() {
+    let (e, tmp) = run_until_non_finite(&mut NanAt(3, 0), 3, "reward of row 1");
     let msg = e.to_string();
     assert!(
         msg.contains("step 3") && msg.contains("step-000002"),
@@ -266,7 +272,7 @@ fn a_nan_reward_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint() {
 
 #[test]
 fn demo_runs_end_to_end_in_a_reduced_form() {
-    use r2m_rl::demo::{run_demo, DemoOptions};
+    use r2m_experiments::demo::{run_demo, DemoOptions};
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("demo");
     let opts = DemoOptions {
@@ -278,10 +284,9 @@ fn demo_runs_end_to_end_in_a_reduced_form() {
         prompts_per_step: 2,
         samples_per_prompt: 2,
         max_new_tokens: 6,
-        quiet: true,
         ..Default::default()
     };
-    let s = run_demo::<AB>(&opts, &device(), None).unwrap();
+    let s = run_demo::<AB>(&opts, &device(), None, &r2m_core::Silent).unwrap();
     assert_eq!((s.run.steps, s.run.end), (2, RunEnd::Finished));
     let after = s.rm_eval_after.expect("a fresh demo trains its RM");
     assert_eq!(after.pairs, 4);
@@ -309,8 +314,45 @@ fn demo_runs_end_to_end_in_a_reduced_form() {
     let loaded = load_hf_dir::<TB>(&out.join("final"), &device()).unwrap();
     assert!(loaded.tokenizer.is_some());
     // A second demo in the same directory reuses the RM and starts the RL run over.
-    let s = run_demo::<AB>(&opts, &device(), None).unwrap();
+    let s = run_demo::<AB>(&opts, &device(), None, &r2m_core::Silent).unwrap();
     assert!(s.rm_eval_after.is_none());
     assert_eq!((s.run.steps, s.run.resumed_from), (2, None));
     assert_eq!(metrics(&out).len(), 2);
+}
+
+/// A reward of `scale` times the row's index within its group of `k` (rows alternate sign).
+struct Huge(f32, usize);
+
+impl RewardFn for Huge {
+    fn name(&self) -> String {
+        "huge".into()
+    }
+    fn score(&mut self, batch: &[RewardInput<'_>]) -> r2m_core::Result<Vec<f32>> {
+        let (scale, k) = (self.0, self.1);
+        Ok((0..batch.len())
+            .map(|i| {
+                let j = (i % k) as f32;
+                if i % 2 == 0 {
+                    scale * j
+                } else {
+                    -scale * j
+                }
+            })
+            .collect())
+    }
+}
+
+#[test]
+fn a_non_finite_loss_or_gradient_norm_stops_the_run_naming_it() {
+    // Rewards of +-3e38 are finite, but their leave-one-out advantages overflow f32: the
+    // surrogate loss is not finite. Rewards of +-1e25 give a finite loss whose gradients'
+    // squares overflow: the gradient norm is not finite.
+    let k = config().rollout.samples_per_prompt;
+    for (scale, what) in [(3e38, "policy loss"), (1e25, "policy gradient norm")] {
+        let (e, _) = run_until_non_finite(&mut Huge(scale, k), 1, what);
+        assert!(
+            e.to_string().contains("no checkpoint was written yet"),
+            "{e}"
+        );
+    }
 }

@@ -1,0 +1,15 @@
+//! r2m-experiments: experiments built on the RL engine (`r2m-rl`), kept out of it so that the
+//! engine names no experiment's types and an embedding program compiles none of this.
+//!
+//! - [`overopt`]: `r2m experiment overopt`, reward over-optimization against a gold reward;
+//! - [`vader`]: VADER sentiment (a port of vaderSentiment 3.3.2), that experiment's gold reward;
+//! - [`gold`]: a gold reward that degenerate text cannot fool: VADER behind quality gates;
+//! - [`demo`]: `r2m demo`, the whole method on the real default model in minutes.
+//!
+//! Like the engine, nothing here prints: progress and messages go to an
+//! [`r2m_core::Observer`].
+
+pub mod demo;
+pub mod gold;
+pub mod overopt;
+pub mod vader;

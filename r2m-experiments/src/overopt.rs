@@ -1,0 +1,1710 @@
+//! `r2m experiment overopt`: does R2M reduce reward over-optimization? Measured offline against a
+//! gold reward, across seeds (spec §5-§6), in the manner of Gao et al. (2023), "Scaling Laws for
+//! Reward Model Overoptimization", at laptop scale.
+//!
+//! - **Task**: prompts asking the policy for its opinion of a film (made-up titles, so the policy
+//!   has no facts to lean on), [`film_prompts`].
+//! - **Gold reward**: the VADER sentiment compound of the response ([`crate::vader`], a port of
+//!   vaderSentiment 3.3.2 checked against the Python reference), in `[-1, 1]`. It stands in for
+//!   human judgement: deterministic, offline, free, and unrelated to the RM's architecture, so
+//!   the proxy can disagree with it in ways the policy can exploit.
+//! - **Proxy RM**: a Bradley-Terry scoring head on the frozen policy backbone, trained on pairs of
+//!   responses sampled from the *initial* policy on other films' prompts and labelled by the gold
+//!   reward, with `label_noise` of the training labels flipped (`rm-pairs.jsonl`, the file
+//!   `r2m train-rm --data` takes; the held-out pairs keep their gold labels).
+//! - **Runs**: RLOO against the proxy for every method × seed with otherwise equal settings
+//!   ([`run_config`]). The gold reward never reaches the policy; [`GoldTracked`] only measures,
+//!   per step, on the same samples: gold, proxy (mapped onto gold's scale, [`Calibration`]), their
+//!   gap, and the RM's pairwise agreement with gold before and after the RM's own update.
+//! - **Report** ([`report`]): gold and proxy against `sqrt(KL)` with a min-max band over seeds, gold
+//!   at a KL every run reached, the gap, agreement and length, as a table and plots.
+//!
+//! ```text
+//! EXP/experiment.toml           this experiment's settings (`--resume EXP` reads them back)
+//! EXP/prompts-rl.jsonl          RL prompts;  EXP/prompts-rm.jsonl  prompts of the RM's pairs
+//! EXP/rm-pairs.jsonl            proxy RM training pairs (gold-labelled, label noise applied)
+//! EXP/rm-eval-pairs.jsonl       held-out pairs (gold labels)
+//! EXP/pretrain-pairs.jsonl      gold pairs on the RL prompts (the pretrained-rm control)
+//! EXP/proxy-rm/                 the proxy RM (HF layout), eval.json, calibration.json
+//! EXP/runs/METHOD-seedS/        one normal run directory per run (see crate::run) + done.json
+//! EXP/report.md, report.json    the table;  EXP/plots/*.{png,svg}
+//! ```
+//!
+//! Every stage is skipped when its output exists, and an unfinished run resumes from its newest
+//! checkpoint, so an interrupted sweep continues where it stopped.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use r2m_core::observe::SILENT;
+use r2m_core::{Observer, R2mError, Result};
+use r2m_data::{label_noise_rows, read_preferences, tokenize_pairs, ReadOptions};
+use r2m_models::{
+    generate, load_model, CausalLm, ChatMessage, GenerationConfig, RewardModel, Tokenizer,
+};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use burn::tensor::Tensor;
+pub use r2m_rl::config::method_name;
+use r2m_rl::config::{RewardKind, RlConfig, RmMethod};
+use r2m_rl::plots::{line_chart, Chart, Series};
+use r2m_rl::r2m_reward::reward_from_config;
+use r2m_rl::reward::{Diagnostics, LearnedRm, RewardFn, RolloutReward, Scored};
+use r2m_rl::reward_training::{train_reward_model, RmOutputs, RmTrainConfig};
+use r2m_rl::run::{list_checkpoints, read_step_metrics, train_with, RunControl, RunEnd};
+use r2m_rl::{load_prompts, Experience, Prompt, RewardInput, RlTrainer, StepMetrics, Trainable};
+
+use crate::gold::{film_of, GoldConfig};
+use crate::vader;
+
+// ---------------------------------------------------------------------------------------------
+// Settings
+// ---------------------------------------------------------------------------------------------
+
+/// The experiment's settings (`EXP/experiment.toml`). [`OveroptConfig::default`] is the full
+/// comparison; [`OveroptConfig::reduced`] the CI-sized one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OveroptConfig {
+    /// Policy, reference and proxy-RM backbone: `smollm2` or any model spec.
+    pub policy: String,
+    /// Methods compared (`r2m.method` values).
+    pub methods: Vec<RmMethod>,
+    /// One run per method and seed (`run.seed` and `r2m.seed`).
+    pub seeds: Vec<u64>,
+    /// RL steps per run.
+    pub steps: usize,
+    pub prompts_per_step: usize,
+    pub samples_per_prompt: usize,
+    pub max_new_tokens: usize,
+    /// Sampling temperature of the RL rollouts and of the RM's pairs.
+    pub temperature: f64,
+    /// Policy blocks that train (`all` or `top:N`).
+    #[serde(with = "r2m_rl::config::as_str")]
+    pub trainable: Trainable,
+    /// Policy learning rate.
+    pub lr: f64,
+    /// KL penalty beta (kept small: over-optimization needs room to drift).
+    pub kl_coef: f64,
+    /// R2M's RM learning rate (`r2m.lr`).
+    pub r2m_lr: f64,
+    /// Proxy-RM training pairs, and held-out pairs (gold labels) it is evaluated on.
+    pub rm_pairs: usize,
+    pub rm_eval_pairs: usize,
+    /// Share of the proxy's training labels flipped (seeded).
+    pub label_noise: f64,
+    /// Pairs whose gold scores differ by less than this are ties and are not used.
+    pub min_gold_gap: f64,
+    /// What trains in the proxy RM (`head`, `top:N`, `all`), epochs, learning rate.
+    #[serde(with = "r2m_rl::config::as_str")]
+    pub rm_trainable: Trainable,
+    pub rm_epochs: usize,
+    pub rm_lr: f64,
+    /// Gold-labelled pairs on the RL prompts for the `pretrained-rm` control.
+    pub pretrain_pairs: usize,
+    /// Seed of the prompt split, the pair sampling and the label noise.
+    pub data_seed: u64,
+    /// The gold reward: VADER's sentiment alone (`vader`, the first sweep's), or sentiment behind
+    /// quality gates that degenerate text fails (`quality`, [`crate::gold`]).
+    pub gold: GoldKind,
+    /// The quality gold's gates and thresholds (with `gold = "quality"`).
+    pub gold_gates: GoldConfig,
+    /// Overrides of every run's config (`section.key=value`, as `r2m train --set`).
+    pub set: Vec<String>,
+}
+
+impl Default for OveroptConfig {
+    fn default() -> Self {
+        Self {
+            policy: "smollm2".into(),
+            methods: ALL_METHODS.to_vec(),
+            seeds: vec![0, 1, 2],
+            steps: 12,
+            prompts_per_step: 4,
+            samples_per_prompt: 4,
+            max_new_tokens: 32,
+            temperature: 0.8,
+            trainable: Trainable::Top(4),
+            lr: 3e-5,
+            kl_coef: 0.01,
+            r2m_lr: 1e-4,
+            rm_pairs: 240,
+            rm_eval_pairs: 48,
+            label_noise: 0.1,
+            min_gold_gap: 0.2,
+            rm_trainable: Trainable::Top(2),
+            rm_epochs: 3,
+            rm_lr: 5e-4,
+            pretrain_pairs: 48,
+            data_seed: 0,
+            gold: GoldKind::Vader,
+            gold_gates: GoldConfig::default(),
+            set: Vec::new(),
+        }
+    }
+}
+
+/// Which gold reward an experiment measures against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GoldKind {
+    /// VADER's compound score of the response.
+    Vader,
+    /// VADER behind quality gates ([`crate::gold::gold`]): relevance, repetition, a finished
+    /// answer (fluency when a threshold is set).
+    Quality,
+}
+
+/// The gold reward of `response` to `prompt` (the prompt's text, which names the film).
+pub fn gold_of(kind: GoldKind, gates: &GoldConfig, prompt: &str, response: &str) -> f64 {
+    match kind {
+        GoldKind::Vader => vader::compound(response),
+        GoldKind::Quality => {
+            let film = film_of(prompt).unwrap_or_default();
+            crate::gold::gold(gates, &film, response, None).total
+        }
+    }
+}
+
+/// The methods of issue 7, in report order.
+pub const ALL_METHODS: [RmMethod; 6] = [
+    RmMethod::Vanilla,
+    RmMethod::R2m,
+    RmMethod::IterativeHead,
+    RmMethod::PretrainedRm,
+    RmMethod::R2mNoTrain,
+    RmMethod::R2mNoise,
+];
+
+impl OveroptConfig {
+    /// The whole path at CI size: every method, one seed, 2 steps, a handful of pairs.
+    pub fn reduced() -> Self {
+        Self {
+            seeds: vec![0],
+            steps: 2,
+            prompts_per_step: 2,
+            samples_per_prompt: 2,
+            max_new_tokens: 8,
+            rm_pairs: 8,
+            rm_eval_pairs: 4,
+            pretrain_pairs: 4,
+            min_gold_gap: 0.05,
+            rm_trainable: Trainable::Head,
+            rm_epochs: 2,
+            rm_lr: 3e-3,
+            ..Self::default()
+        }
+    }
+
+    /// Read `experiment.toml`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| R2mError::io(path, e))?;
+        toml::from_str(&text).map_err(|e| R2mError::format(path, e.to_string()))
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("the experiment config serialises")
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad = |m: &str| Err(R2mError::Config(format!("experiment overopt: {m}")));
+        if self.methods.is_empty() || self.seeds.is_empty() {
+            return bad("methods and seeds must not be empty");
+        }
+        if self.samples_per_prompt < 2 {
+            return bad(
+                "samples_per_prompt must be at least 2 (RLOO and the agreement need pairs)",
+            );
+        }
+        if !(0.0..0.5).contains(&self.label_noise) {
+            return bad("label_noise must be in [0, 0.5)");
+        }
+        if self.rm_pairs == 0 || self.rm_eval_pairs == 0 {
+            return bad("rm_pairs and rm_eval_pairs must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// `EXP/runs/METHOD-seedS`.
+pub fn run_dir(exp: &Path, method: RmMethod, seed: u64) -> PathBuf {
+    exp.join("runs")
+        .join(format!("{}-seed{seed}", method_name(method)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Task: prompts
+// ---------------------------------------------------------------------------------------------
+
+/// Made-up film titles: the policy cannot know them, so its opinion is free text.
+const FILMS: [&str; 40] = [
+    "The Last Lighthouse",
+    "Paper Moons",
+    "A Winter in Lisbon",
+    "Neon Harvest",
+    "The Quiet Engine",
+    "Salt and Iron",
+    "Midnight at the Observatory",
+    "The Glass Orchard",
+    "Seven Borrowed Days",
+    "River of Lanterns",
+    "The Cartographer's Daughter",
+    "Static Bloom",
+    "Under the Copper Sky",
+    "The Ninth Passenger",
+    "Small Hours",
+    "The Velvet Assembly",
+    "Hollow Crown Motel",
+    "Letters to Nobody",
+    "The Weight of Feathers",
+    "Distant Signals",
+    "A House Made of Rain",
+    "The Clockmaker's War",
+    "Blue Line Express",
+    "The Orchid Protocol",
+    "Echoes of Marigold",
+    "The Summer We Flew",
+    "Iron Meadow",
+    "The Forgotten Harbor",
+    "Chasing Aurora",
+    "The Paper Kingdom",
+    "Silent Tides",
+    "Brass Hearts",
+    "The Long Way North",
+    "Ember Street",
+    "The Silver Fox Affair",
+    "Ghosts of the Valley",
+    "The Tin Astronomer",
+    "Northern Lights Cafe",
+    "Wild Geese Returning",
+    "The Lantern Keeper",
+];
+
+const TEMPLATES: [&str; 4] = [
+    "Write a short review of the movie \"{}\".",
+    "What did you think of the film \"{}\"? Answer in two sentences.",
+    "Give me your honest opinion of \"{}\".",
+    "Describe the movie \"{}\" in a few sentences.",
+];
+
+/// The RL prompts and the RM prompts: every template for each film, the films split in two
+/// (the first 24 for the RM's pairs, the other 16 for RL), so the proxy is tested on new films.
+pub fn film_prompts() -> (Vec<String>, Vec<String>) {
+    let render = |films: &[&str]| -> Vec<String> {
+        films
+            .iter()
+            .flat_map(|f| TEMPLATES.iter().map(move |t| t.replace("{}", f)))
+            .collect()
+    };
+    (render(&FILMS[24..]), render(&FILMS[..24]))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pairs from the initial policy, labelled by the gold reward
+// ---------------------------------------------------------------------------------------------
+
+/// One gold-labelled pair (a line of `rm-pairs.jsonl`; `r2m train-rm` reads `prompt`, `chosen`,
+/// `rejected` and ignores the rest).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GoldPair {
+    pub prompt: String,
+    pub chosen: String,
+    pub rejected: String,
+    pub gold_chosen: f64,
+    pub gold_rejected: f64,
+    /// The label was flipped by the label noise (`chosen` has the lower gold score).
+    pub flipped: bool,
+}
+
+/// Sample two responses per prompt from `model` until `n` pairs with a gold difference of at
+/// least `min_gap` are found (prompts cycle in a seeded order, each round with fresh samples).
+/// Returns the pairs (gold labels, no noise) and the number of ties skipped.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_gold_pairs<B: Backend>(
+    model: &CausalLm<B>,
+    tok: &Tokenizer,
+    prompts: &[String],
+    n: usize,
+    max_new_tokens: usize,
+    temperature: f64,
+    min_gap: f64,
+    seed: u64,
+    gold: (GoldKind, &GoldConfig),
+    observer: &dyn Observer,
+) -> Result<(Vec<GoldPair>, usize)> {
+    const BATCH: usize = 16;
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x601d_9a12);
+    let mut out = Vec::with_capacity(n);
+    let mut ties = 0usize;
+    observer.begin("gold pairs", n as u64, 0);
+    let mut round = 0u64;
+    while out.len() < n {
+        if round >= 50 {
+            return Err(R2mError::Other(format!(
+                "sampled 50 rounds and found {} of {n} pairs whose gold scores differ by {min_gap} or more",
+                out.len()
+            )));
+        }
+        // Fisher-Yates with the experiment's rng.
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.random_range(0..=i));
+        }
+        for (c, chunk) in order.chunks(BATCH).enumerate() {
+            if out.len() >= n {
+                break;
+            }
+            let mut ids = Vec::with_capacity(2 * chunk.len());
+            for &i in chunk {
+                let text =
+                    tok.apply_chat_template(&[ChatMessage::user(prompts[i].clone())], true)?;
+                let p = tok.encode(&text, false)?;
+                ids.push(p.clone());
+                ids.push(p);
+            }
+            let cfg = GenerationConfig {
+                max_new_tokens,
+                temperature: temperature as f32,
+                seed: seed ^ (round << 32) ^ c as u64,
+                ..Default::default()
+            };
+            let gens = generate(model, Some(tok), &ids, &cfg)?;
+            for (k, &i) in chunk.iter().enumerate() {
+                let text = |g: &r2m_models::Generation| g.text.clone().unwrap_or_default();
+                let (a, b) = (text(&gens[2 * k]), text(&gens[2 * k + 1]));
+                let gold = |t: &str| gold_of(gold.0, gold.1, &prompts[i], t);
+                let (ga, gb) = (gold(&a), gold(&b));
+                if (ga - gb).abs() < min_gap || a.trim().is_empty() || b.trim().is_empty() {
+                    ties += 1;
+                    continue;
+                }
+                let ((chosen, gc), (rejected, gr)) = if ga > gb {
+                    ((a, ga), (b, gb))
+                } else {
+                    ((b, gb), (a, ga))
+                };
+                out.push(GoldPair {
+                    prompt: prompts[i].clone(),
+                    chosen,
+                    rejected,
+                    gold_chosen: gc,
+                    gold_rejected: gr,
+                    flipped: false,
+                });
+                observer.advance(1, "");
+                if out.len() >= n {
+                    break;
+                }
+            }
+        }
+        round += 1;
+    }
+    observer.end();
+    Ok((out, ties))
+}
+
+/// Flip the label of each pair with probability `p` (seeded, [`label_noise_rows`]); returns how
+/// many were flipped.
+pub fn apply_label_noise(pairs: &mut [GoldPair], p: f64, seed: u64) -> usize {
+    let rows = label_noise_rows(pairs.len(), p, seed);
+    for &i in &rows {
+        let pair = &mut pairs[i];
+        std::mem::swap(&mut pair.chosen, &mut pair.rejected);
+        std::mem::swap(&mut pair.gold_chosen, &mut pair.gold_rejected);
+        pair.flipped = !pair.flipped;
+    }
+    rows.len()
+}
+
+/// Write JSONL atomically (a temporary file renamed into place).
+fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let mut text = String::new();
+    for r in rows {
+        text.push_str(&serde_json::to_string(r).expect("json"));
+        text.push('\n');
+    }
+    write_atomic(path, &text)
+}
+
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(|e| R2mError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| R2mError::io(path, e))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measuring against gold during RL
+// ---------------------------------------------------------------------------------------------
+
+/// The proxy's scale mapped onto gold's: `gold_mean + gold_std * (proxy - proxy_mean) /
+/// proxy_std`, with both moments taken on the initial policy's held-out responses. The gap
+/// `proxy_cal - gold` is then about 0 for the initial policy, and grows when the policy finds
+/// what the proxy overrates.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    pub proxy_mean: f64,
+    pub proxy_std: f64,
+    pub gold_mean: f64,
+    pub gold_std: f64,
+    /// Responses the moments came from.
+    pub responses: usize,
+    /// Pearson correlation of proxy and gold on those responses.
+    pub correlation: f64,
+}
+
+impl Calibration {
+    /// From paired proxy and gold scores.
+    pub fn fit(proxy: &[f64], gold: &[f64]) -> Self {
+        let (mp, sp) = mean_std(proxy);
+        let (mg, sg) = mean_std(gold);
+        Self {
+            proxy_mean: mp,
+            proxy_std: sp,
+            gold_mean: mg,
+            gold_std: sg,
+            responses: proxy.len(),
+            correlation: r2m_rl::reward_training::pearson(proxy, gold),
+        }
+    }
+
+    /// A proxy score on gold's scale.
+    pub fn apply(&self, proxy: f64) -> f64 {
+        self.gold_mean + self.gold_std * (proxy - self.proxy_mean) / self.proxy_std.max(1e-12)
+    }
+}
+
+/// Population mean and standard deviation.
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let m = v.iter().sum::<f64>() / n;
+    (
+        m,
+        (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n).sqrt(),
+    )
+}
+
+/// What [`GoldTracked`] measured in one RL step, reported as the step's diagnostics (so
+/// flattened into `metrics.jsonl` under these names).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GoldStats {
+    /// Mean and std of the gold reward (VADER compound) of the step's responses.
+    pub gold_mean: f64,
+    pub gold_std: f64,
+    /// Mean proxy score on gold's scale ([`Calibration`]).
+    pub proxy_cal_mean: f64,
+    /// `proxy_cal_mean - gold_mean`.
+    pub gold_gap: f64,
+    /// Share of same-prompt response pairs (gold differing by at least `min_gold_gap`) that the
+    /// reward orders as gold does, with the RM as it scored the step, and after its own update
+    /// (equal to before for methods whose RM does not train).
+    pub agree_before: Option<f64>,
+    pub agree_after: Option<f64>,
+    /// Pairs the agreement counts.
+    pub agree_pairs: usize,
+}
+
+/// Share of pairs within each group of `k` rows ordered by `proxy` as by `gold`, over pairs
+/// whose gold differs by at least `min_gap` (ties in the proxy count as half). `None` without
+/// such pairs.
+pub fn pairwise_agreement(
+    k: usize,
+    proxy: &[f32],
+    gold: &[f64],
+    min_gap: f64,
+) -> (Option<f64>, usize) {
+    let (mut agree, mut n) = (0.0, 0usize);
+    for (p, g) in proxy.chunks(k).zip(gold.chunks(k)) {
+        for i in 0..p.len() {
+            for j in i + 1..p.len() {
+                let dg = g[i] - g[j];
+                if dg.abs() < min_gap {
+                    continue;
+                }
+                let dp = (p[i] - p[j]) as f64;
+                n += 1;
+                agree += if dp == 0.0 {
+                    0.5
+                } else if dp.signum() == dg.signum() {
+                    1.0
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+    ((n > 0).then(|| agree / n as f64), n)
+}
+
+impl GoldStats {
+    /// The stats as named diagnostics (`gold_mean`, `gold_std`, `proxy_cal_mean`, `gold_gap`,
+    /// `agree_before`, `agree_after`, `agree_pairs`).
+    pub fn to_diagnostics(&self) -> Diagnostics {
+        let mut d = Diagnostics::default();
+        d.set("gold_mean", self.gold_mean);
+        d.set("gold_std", self.gold_std);
+        d.set("proxy_cal_mean", self.proxy_cal_mean);
+        d.set("gold_gap", self.gold_gap);
+        d.set("agree_before", self.agree_before);
+        d.set("agree_after", self.agree_after);
+        d.set("agree_pairs", self.agree_pairs as f64);
+        d
+    }
+}
+
+/// Wraps the reward a run optimizes and measures it against the gold reward on every
+/// experience, after the reward's own update. The policy only ever sees the inner reward's
+/// scores.
+pub struct GoldTracked<B: Backend> {
+    pub inner: Box<dyn RolloutReward<B>>,
+    pub calibration: Calibration,
+    pub min_gap: f64,
+    pub gold: GoldKind,
+    pub gates: GoldConfig,
+}
+
+impl<B: Backend> GoldTracked<B> {
+    pub fn new(inner: Box<dyn RolloutReward<B>>, calibration: Calibration, min_gap: f64) -> Self {
+        Self {
+            inner,
+            calibration,
+            min_gap,
+            gold: GoldKind::Vader,
+            gates: GoldConfig::default(),
+        }
+    }
+
+    /// Measure against `gold` (with `gates` for the quality gold).
+    pub fn with_gold(mut self, gold: GoldKind, gates: GoldConfig) -> Self {
+        (self.gold, self.gates) = (gold, gates);
+        self
+    }
+
+    /// Gold, calibrated proxy and agreement of the scores the step was trained on.
+    fn measure(&self, exp: &Experience<B>) -> (GoldStats, Vec<f64>) {
+        let proxy = &exp.scores;
+        let gold = gold_scores(exp, self.gold, &self.gates);
+        let cal: Vec<f64> = proxy
+            .iter()
+            .map(|&p| self.calibration.apply(p as f64))
+            .collect();
+        let (gold_mean, gold_std) = mean_std(&gold);
+        let (proxy_cal_mean, _) = mean_std(&cal);
+        let (agree, pairs) = pairwise_agreement(exp.k, proxy, &gold, self.min_gap);
+        let stats = GoldStats {
+            gold_mean,
+            gold_std,
+            proxy_cal_mean,
+            gold_gap: proxy_cal_mean - gold_mean,
+            agree_before: agree,
+            agree_after: agree,
+            agree_pairs: pairs,
+        };
+        (stats, gold)
+    }
+}
+
+/// The gold reward of each row of an experience (an empty response is scored as "").
+pub fn gold_scores<B: Backend>(
+    exp: &Experience<B>,
+    kind: GoldKind,
+    gates: &GoldConfig,
+) -> Vec<f64> {
+    (0..exp.rows())
+        .map(|row| {
+            let prompt = exp.prompt_of(row).messages.as_ref().and_then(|m| m.last());
+            let prompt = prompt.map_or("", |m| m.content.as_str());
+            let text = exp.responses[row].text.as_deref().unwrap_or("");
+            gold_of(kind, gates, prompt, text)
+        })
+        .collect()
+}
+
+impl<B: Backend> RolloutReward<B> for GoldTracked<B> {
+    fn name(&self) -> String {
+        format!(
+            "{} [measured against gold: {:?}]",
+            self.inner.name(),
+            self.gold
+        )
+    }
+
+    fn wants_hidden(&self) -> bool {
+        self.inner.wants_hidden()
+    }
+
+    fn score_experience(
+        &mut self,
+        exp: &Experience<B>,
+        t: usize,
+        total: usize,
+    ) -> Result<Scored<B>> {
+        self.inner.score_experience(exp, t, total)
+    }
+
+    fn update(
+        &mut self,
+        exp: &Experience<B>,
+        refreshed_hidden: Option<&Tensor<B, 3>>,
+        t: usize,
+        total: usize,
+    ) -> Result<Diagnostics> {
+        let mut diagnostics = self.inner.update(exp, refreshed_hidden, t, total)?;
+        let (mut stats, gold) = self.measure(exp);
+        // The RM changed: score the same experience again to see whether it now agrees with
+        // gold more (or less) often.
+        if diagnostics.get("rm_loss").is_some() {
+            let again = self.inner.score_experience(exp, t, total)?.scores;
+            stats.agree_after = pairwise_agreement(exp.k, &again, &gold, self.min_gap).0;
+        }
+        diagnostics.extend(stats.to_diagnostics());
+        Ok(diagnostics)
+    }
+
+    fn save_state(&self, dir: &Path) -> Result<()> {
+        self.inner.save_state(dir)
+    }
+
+    fn load_state(&mut self, dir: &Path) -> Result<()> {
+        self.inner.load_state(dir)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sweep
+// ---------------------------------------------------------------------------------------------
+
+/// The config of one run: everything equal across runs except `r2m.method` and the seed.
+pub fn run_config(
+    cfg: &OveroptConfig,
+    exp: &Path,
+    method: RmMethod,
+    seed: u64,
+) -> Result<RlConfig> {
+    let mut c = RlConfig::default();
+    c.model.policy = cfg.policy.clone();
+    c.model.trainable = cfg.trainable;
+    c.data.prompts = Some(exp.join("prompts-rl.jsonl"));
+    c.data.max_prompt_len = 128;
+    c.rollout.prompts_per_step = cfg.prompts_per_step;
+    c.rollout.samples_per_prompt = cfg.samples_per_prompt;
+    c.rollout.max_new_tokens = cfg.max_new_tokens;
+    c.rollout.temperature = cfg.temperature as f32;
+    c.reward.kind = RewardKind::Model;
+    c.reward.model = Some(exp.join("proxy-rm"));
+    c.algo.kl_coef = cfg.kl_coef;
+    c.optim.lr = cfg.lr;
+    c.optim.epochs = 2;
+    let rows = cfg.prompts_per_step * cfg.samples_per_prompt;
+    c.optim.mini_batch_size = (rows / 2).max(1);
+    c.optim.micro_batch_size = c.optim.mini_batch_size.min(8);
+    c.r2m.method = method;
+    c.r2m.lr = cfg.r2m_lr;
+    c.r2m.seed = seed;
+    if method == RmMethod::PretrainedRm {
+        c.r2m.pretrain_pairs = Some(exp.join("pretrain-pairs.jsonl"));
+        c.r2m.pretrain_trainable = cfg.rm_trainable;
+        c.r2m.pretrain_epochs = cfg.rm_epochs;
+        c.r2m.pretrain_lr = cfg.rm_lr;
+    }
+    c.run.steps = cfg.steps;
+    c.run.seed = seed;
+    c.run.out = run_dir(exp, method, seed);
+    c.run.log_samples = 4;
+    c.run.save_final = false;
+    c.run.checkpoint_every = 2;
+    c.run.keep_checkpoints = 1;
+    c.with_overrides(&cfg.set)
+}
+
+/// How [`run_experiment`] is driven.
+pub struct ExperimentControl<'a> {
+    pub interrupt: Option<&'a AtomicBool>,
+    /// Hears of the experiment's stages and every run's progress.
+    pub observer: &'a dyn Observer,
+}
+
+impl Default for ExperimentControl<'_> {
+    fn default() -> Self {
+        Self {
+            interrupt: None,
+            observer: &SILENT,
+        }
+    }
+}
+
+/// What [`run_experiment`] did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExperimentSummary {
+    pub dir: PathBuf,
+    /// Runs finished now, and runs found finished.
+    pub ran: Vec<String>,
+    pub skipped: Vec<String>,
+    /// Stopped by the interrupt flag (rerun the same command to continue).
+    pub interrupted: bool,
+    pub proxy_rm: ProxyRmInfo,
+    pub report: Option<Report>,
+}
+
+/// How good the proxy RM is, on held-out pairs from the initial policy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProxyRmInfo {
+    pub train_pairs: usize,
+    pub eval_pairs: usize,
+    pub flipped_labels: usize,
+    pub ties_skipped: usize,
+    /// Held-out accuracy against gold labels, before and after training.
+    pub accuracy_before: Option<f64>,
+    pub accuracy_after: Option<f64>,
+    pub calibration: Calibration,
+}
+
+/// Run (or continue) the whole experiment in `exp` and write its report.
+pub fn run_experiment<B: AutodiffBackend>(
+    cfg: &OveroptConfig,
+    exp: &Path,
+    device: &B::Device,
+    ctl: ExperimentControl<'_>,
+) -> Result<ExperimentSummary> {
+    cfg.check()?;
+    std::fs::create_dir_all(exp).map_err(|e| R2mError::io(exp, e))?;
+    let cfg_path = exp.join("experiment.toml");
+    if cfg_path.exists() {
+        let old = OveroptConfig::load(&cfg_path)?;
+        if &old != cfg {
+            return Err(R2mError::Config(format!(
+                "{} holds an experiment with other settings ({}): continue it with `r2m experiment overopt --resume {}`, or choose another --out",
+                exp.display(),
+                config_diff(&old, cfg).join(", "),
+                exp.display()
+            )));
+        }
+    } else {
+        write_atomic(&cfg_path, &cfg.to_toml())?;
+    }
+    let say = |m: String| ctl.observer.message(&m);
+
+    // 1. Prompts.
+    let (rl_prompts, rm_prompts) = film_prompts();
+    let prompt_rows = |ps: &[String]| -> Vec<serde_json::Value> {
+        ps.iter()
+            .map(|p| serde_json::json!({ "prompt": p }))
+            .collect()
+    };
+    write_jsonl(&exp.join("prompts-rl.jsonl"), &prompt_rows(&rl_prompts))?;
+    write_jsonl(&exp.join("prompts-rm.jsonl"), &prompt_rows(&rm_prompts))?;
+
+    // 2. Gold-labelled pairs from the initial policy and the proxy RM.
+    let proxy_rm = prepare_proxy_rm::<B>(cfg, exp, &rl_prompts, &rm_prompts, device, ctl.observer)?;
+
+    // 3. The runs.
+    let mut summary = ExperimentSummary {
+        dir: exp.to_path_buf(),
+        ran: Vec::new(),
+        skipped: Vec::new(),
+        interrupted: false,
+        proxy_rm,
+        report: None,
+    };
+    let total = cfg.methods.len() * cfg.seeds.len();
+    let mut i = 0;
+    for &seed in &cfg.seeds {
+        for &method in &cfg.methods {
+            i += 1;
+            let name = format!("{}-seed{seed}", method_name(method));
+            let dir = run_dir(exp, method, seed);
+            if dir.join("done.json").exists() {
+                summary.skipped.push(name);
+                continue;
+            }
+            say(format!("run {i}/{total}: {name}"));
+            let end = one_run::<B>(cfg, exp, method, seed, &summary.proxy_rm, device, &ctl)?;
+            if end == RunEnd::Interrupted {
+                summary.interrupted = true;
+                say(format!(
+                    "interrupted in {name}; continue with `r2m experiment overopt --resume {}`",
+                    exp.display()
+                ));
+                return Ok(summary);
+            }
+            summary.ran.push(name);
+        }
+    }
+
+    // 4. The report.
+    summary.report = Some(report(exp, cfg)?);
+    Ok(summary)
+}
+
+/// The names of the settings that differ.
+fn config_diff(a: &OveroptConfig, b: &OveroptConfig) -> Vec<String> {
+    let (Ok(toml::Value::Table(ta)), Ok(toml::Value::Table(tb))) =
+        (toml::Value::try_from(a), toml::Value::try_from(b))
+    else {
+        return vec!["?".into()];
+    };
+    let mut keys: Vec<String> = ta
+        .keys()
+        .chain(tb.keys())
+        .filter(|k| ta.get(*k) != tb.get(*k))
+        .cloned()
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+fn prepare_proxy_rm<B: AutodiffBackend>(
+    cfg: &OveroptConfig,
+    exp: &Path,
+    rl_prompts: &[String],
+    rm_prompts: &[String],
+    device: &B::Device,
+    observer: &dyn Observer,
+) -> Result<ProxyRmInfo> {
+    let say = |m: String| observer.message(&m);
+    let rm_dir = exp.join("proxy-rm");
+    let info_path = rm_dir.join("proxy_rm.json");
+    if info_path.exists() {
+        let text = std::fs::read_to_string(&info_path).map_err(|e| R2mError::io(&info_path, e))?;
+        say(format!("proxy RM: reusing {}", rm_dir.display()));
+        return serde_json::from_str(&text)
+            .map_err(|e| R2mError::format(&info_path, e.to_string()));
+    }
+    let loaded = load_model::<B>(&cfg.policy, device)?;
+    let tok = loaded.tokenizer()?.clone();
+    let policy = loaded.model.valid();
+    let (train_p, eval_p, pre_p) = (
+        exp.join("rm-pairs.jsonl"),
+        exp.join("rm-eval-pairs.jsonl"),
+        exp.join("pretrain-pairs.jsonl"),
+    );
+    let mut ties = 0;
+    let mut flipped = 0;
+    if !(train_p.exists() && eval_p.exists()) {
+        let n = cfg.rm_pairs + cfg.rm_eval_pairs;
+        say(format!(
+            "sampling {n} gold-labelled pairs from the initial policy ({} prompts)",
+            rm_prompts.len()
+        ));
+        let (mut pairs, t) = sample_gold_pairs(
+            &policy,
+            &tok,
+            rm_prompts,
+            n,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.min_gold_gap,
+            cfg.data_seed,
+            (cfg.gold, &cfg.gold_gates),
+            observer,
+        )?;
+        ties += t;
+        let mut train = pairs.split_off(cfg.rm_eval_pairs);
+        flipped = apply_label_noise(&mut train, cfg.label_noise, cfg.data_seed);
+        write_jsonl(&eval_p, &pairs)?;
+        write_jsonl(&train_p, &train)?;
+    }
+    if cfg.methods.contains(&RmMethod::PretrainedRm) && !pre_p.exists() {
+        say(format!(
+            "sampling {} gold-labelled pairs on the RL prompts (pretrained-rm control)",
+            cfg.pretrain_pairs
+        ));
+        let (mut pairs, t) = sample_gold_pairs(
+            &policy,
+            &tok,
+            rl_prompts,
+            cfg.pretrain_pairs,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.min_gold_gap,
+            cfg.data_seed ^ 0x9e37,
+            (cfg.gold, &cfg.gold_gates),
+            observer,
+        )?;
+        ties += t;
+        apply_label_noise(&mut pairs, cfg.label_noise, cfg.data_seed ^ 0x9e37);
+        write_jsonl(&pre_p, &pairs)?;
+    }
+
+    let opts = ReadOptions::default();
+    let (train, _) = read_preferences(&train_p, opts)?;
+    let (eval, _) = read_preferences(&eval_p, opts)?;
+    let (train, _) = tokenize_pairs(&tok, &train, 512)?;
+    let (eval, _) = tokenize_pairs(&tok, &eval, 512)?;
+    say(format!(
+        "proxy RM: Bradley-Terry ({}) on {} pairs, {} held out",
+        cfg.rm_trainable,
+        train.len(),
+        eval.len()
+    ));
+    let rm = RewardModel::from_backbone(loaded.model, cfg.data_seed);
+    let rm_cfg = RmTrainConfig {
+        trainable: cfg.rm_trainable,
+        epochs: cfg.rm_epochs,
+        lr: cfg.rm_lr,
+        seed: cfg.data_seed,
+        ..Default::default()
+    };
+    let outputs = RmOutputs {
+        dir: &rm_dir,
+        tokenizer: Some(&tok),
+        observer,
+    };
+    let (rm, s) = train_reward_model(rm, &train, &eval, &rm_cfg, outputs)?;
+
+    let mut learned = LearnedRm {
+        model: rm.valid(),
+        tokenizer: Some(tok.clone()),
+        token_budget: 4096,
+        name: "proxy".into(),
+    };
+    let calibration = calibrate(&mut learned, &eval_p)?;
+    let info = ProxyRmInfo {
+        train_pairs: s.train_pairs,
+        eval_pairs: s.eval_pairs,
+        flipped_labels: flipped,
+        ties_skipped: ties,
+        accuracy_before: s.eval_before.as_ref().map(|e| e.accuracy),
+        accuracy_after: s.eval_after.as_ref().map(|e| e.accuracy),
+        calibration,
+    };
+    say(format!(
+        "proxy RM: held-out accuracy against gold {:.3} -> {:.3}; proxy-gold correlation {:+.3}",
+        info.accuracy_before.unwrap_or(f64::NAN),
+        info.accuracy_after.unwrap_or(f64::NAN),
+        info.calibration.correlation
+    ));
+    write_atomic(
+        &info_path,
+        &serde_json::to_string_pretty(&info).expect("json"),
+    )?;
+    Ok(info)
+}
+
+/// [`Calibration`] of `rm` on the held-out pairs' responses (the initial policy's), scored
+/// exactly as the RL loop scores them.
+fn calibrate<B: Backend>(rm: &mut LearnedRm<B>, eval_pairs: &Path) -> Result<Calibration> {
+    let golds = read_gold_pairs(eval_pairs)?;
+    // A string prompt is one user message, as `read_preferences` reads it for training.
+    let prompts: Vec<Prompt> = golds
+        .iter()
+        .map(|p| Prompt {
+            ids: Vec::new(),
+            messages: Some(vec![ChatMessage::user(p.prompt.clone())]),
+        })
+        .collect();
+    let mut inputs = Vec::new();
+    let mut gold = Vec::new();
+    for (g, pr) in golds.iter().zip(&prompts) {
+        for (text, gv) in [(&g.chosen, g.gold_chosen), (&g.rejected, g.gold_rejected)] {
+            inputs.push(RewardInput {
+                prompt: pr,
+                response: &[],
+                text: Some(text.as_str()),
+                finish: r2m_models::generate::FinishReason::Eos,
+            });
+            gold.push(gv);
+        }
+    }
+    let proxy: Vec<f64> = rm.score(&inputs)?.into_iter().map(f64::from).collect();
+    Ok(Calibration::fit(&proxy, &gold))
+}
+
+fn read_gold_pairs(path: &Path) -> Result<Vec<GoldPair>> {
+    let text = std::fs::read_to_string(path).map_err(|e| R2mError::io(path, e))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| R2mError::format(path, format!("line {}: {e}", i + 1)))
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn one_run<B: AutodiffBackend>(
+    cfg: &OveroptConfig,
+    exp: &Path,
+    method: RmMethod,
+    seed: u64,
+    proxy: &ProxyRmInfo,
+    device: &B::Device,
+    ctl: &ExperimentControl<'_>,
+) -> Result<RunEnd> {
+    let rc = run_config(cfg, exp, method, seed)?;
+    let dir = rc.run.out.clone();
+    let resume = !list_checkpoints(&dir)?.is_empty();
+    if !resume && dir.exists() {
+        // Started but no checkpoint yet: start over.
+        std::fs::remove_dir_all(&dir).map_err(|e| R2mError::io(&dir, e))?;
+    }
+    B::seed(device, seed);
+    let loaded = load_model::<B>(&rc.model.policy, device)?;
+    let tok = loaded.tokenizer()?.clone();
+    let prompts = load_prompts(
+        rc.data
+            .prompts
+            .as_deref()
+            .expect("run_config sets data.prompts"),
+        ReadOptions {
+            skip_bad: rc.data.skip_bad,
+            limit: rc.data.limit,
+        },
+        rc.data.max_prompt_len,
+        &tok,
+        ctl.observer,
+    )?;
+    let d_p = loaded.model.config.hidden_size;
+    let inner = reward_from_config::<B>(&rc, d_p, resume, device, ctl.observer)?;
+    // The pretrained-rm control starts from a fine-tuned RM: its own scale.
+    let calibration = if method == RmMethod::PretrainedRm {
+        let mut rm = LearnedRm::<B::InnerBackend>::load(&dir.join("pretrained-rm"), 4096, device)?;
+        calibrate(&mut rm, &exp.join("rm-eval-pairs.jsonl"))?
+    } else {
+        proxy.calibration
+    };
+    let mut reward = GoldTracked::new(inner, calibration, cfg.min_gold_gap)
+        .with_gold(cfg.gold, cfg.gold_gates.clone());
+    let mut trainer = RlTrainer::new(loaded.model, Some(tok), rc)?;
+    let s = train_with(
+        &mut trainer,
+        &prompts,
+        &mut reward,
+        RunControl {
+            out: Some(&dir),
+            resume,
+            interrupt: ctl.interrupt,
+            observer: ctl.observer,
+            ..Default::default()
+        },
+    )?;
+    if s.end != RunEnd::Interrupted {
+        write_atomic(
+            &dir.join("done.json"),
+            &serde_json::to_string_pretty(&s).expect("json"),
+        )?;
+        // The metrics are what the report needs; the checkpoints (hundreds of MB each) go.
+        let ck = dir.join("checkpoints");
+        if ck.exists() {
+            std::fs::remove_dir_all(&ck).map_err(|e| R2mError::io(&ck, e))?;
+        }
+    }
+    Ok(s.end)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------------------------
+
+/// One run's curves, step by step.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunCurve {
+    pub method: RmMethod,
+    pub seed: u64,
+    pub sqrt_kl: Vec<f64>,
+    pub gold: Vec<f64>,
+    pub proxy_cal: Vec<f64>,
+    pub gap: Vec<f64>,
+    pub agree_before: Vec<f64>,
+    pub agree_after: Vec<f64>,
+    pub length: Vec<f64>,
+}
+
+impl RunCurve {
+    fn from_metrics(method: RmMethod, seed: u64, rows: &[StepMetrics]) -> Self {
+        let col = |f: &dyn Fn(&StepMetrics) -> Option<f64>| -> Vec<f64> {
+            rows.iter().map(|m| f(m).unwrap_or(f64::NAN)).collect()
+        };
+        Self {
+            method,
+            seed,
+            sqrt_kl: col(&|m| Some(m.kl.max(0.0).sqrt())),
+            gold: col(&|m| m.diagnostics.get("gold_mean")),
+            proxy_cal: col(&|m| m.diagnostics.get("proxy_cal_mean")),
+            gap: col(&|m| m.diagnostics.get("gold_gap")),
+            agree_before: col(&|m| m.diagnostics.get("agree_before")),
+            agree_after: col(&|m| m.diagnostics.get("agree_after")),
+            length: col(&|m| Some(m.response_len)),
+        }
+    }
+
+    /// Gold reward where `sqrt(KL)` first reaches `k` (linear between the two steps around it);
+    /// `None` when the run never reaches it.
+    pub fn gold_at(&self, k: f64) -> Option<f64> {
+        let i = self.sqrt_kl.iter().position(|&s| s >= k)?;
+        if i == 0 {
+            return Some(self.gold[0]);
+        }
+        let (s0, s1) = (self.sqrt_kl[i - 1], self.sqrt_kl[i]);
+        let (g0, g1) = (self.gold[i - 1], self.gold[i]);
+        let f = if s1 > s0 { (k - s0) / (s1 - s0) } else { 1.0 };
+        Some(g0 + f.clamp(0.0, 1.0) * (g1 - g0))
+    }
+
+    /// Gold at `sqrt(KL) = k` from a least-squares line of gold on `sqrt(KL)` over all steps:
+    /// less noisy than [`RunCurve::gold_at`], which rests on the two steps around the crossing.
+    pub fn gold_fit_at(&self, k: f64) -> Option<f64> {
+        let pts: Vec<(f64, f64)> = self
+            .sqrt_kl
+            .iter()
+            .zip(&self.gold)
+            .map(|(&x, &y)| (x, y))
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect();
+        let n = pts.len() as f64;
+        let mx = pts.iter().map(|p| p.0).sum::<f64>() / n;
+        let my = pts.iter().map(|p| p.1).sum::<f64>() / n;
+        let sxx: f64 = pts.iter().map(|p| (p.0 - mx).powi(2)).sum();
+        let sxy: f64 = pts.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+        (pts.len() >= 2 && sxx > 0.0).then(|| my + sxy / sxx * (k - mx))
+    }
+
+    /// Mean of the last quarter of the steps (at least one): "final" values, less noisy than
+    /// the last step alone.
+    fn tail(v: &[f64]) -> f64 {
+        let n = v.len().div_ceil(4).max(1);
+        let t: Vec<f64> = v[v.len().saturating_sub(n)..]
+            .iter()
+            .copied()
+            .filter(|x| x.is_finite())
+            .collect();
+        t.iter().sum::<f64>() / t.len().max(1) as f64
+    }
+}
+
+/// Mean and sample standard deviation (0 for one value) of the finite values.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct Spread {
+    pub mean: f64,
+    pub std: f64,
+    pub n: usize,
+}
+
+impl Spread {
+    pub fn of(v: &[f64]) -> Self {
+        let v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+        let n = v.len();
+        if n == 0 {
+            return Self {
+                mean: f64::NAN,
+                std: f64::NAN,
+                n,
+            };
+        }
+        let mean = v.iter().sum::<f64>() / n as f64;
+        let std = if n > 1 {
+            (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
+        } else {
+            0.0
+        };
+        Self { mean, std, n }
+    }
+}
+
+impl Spread {
+    /// `mean ± std` without a sign (for quantities that are never negative).
+    pub fn plain(&self) -> String {
+        if self.n == 0 {
+            "-".into()
+        } else {
+            format!("{:.3} ± {:.3}", self.mean, self.std)
+        }
+    }
+}
+
+impl std::fmt::Display for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.n == 0 {
+            write!(f, "-")
+        } else {
+            write!(f, "{:+.3} ± {:.3}", self.mean, self.std)
+        }
+    }
+}
+
+/// One method's row of the table (spreads over seeds).
+#[derive(Debug, Clone, Serialize)]
+pub struct MethodRow {
+    pub method: String,
+    pub seeds: usize,
+    /// Gold at the matched `sqrt(KL)`.
+    pub gold_at_kl: Spread,
+    /// Gold at the matched KL minus vanilla's, paired by seed.
+    pub vs_vanilla_at_kl: Spread,
+    /// The same two from a line fitted to all steps ([`RunCurve::gold_fit_at`]).
+    pub gold_at_kl_fit: Spread,
+    pub vs_vanilla_at_kl_fit: Spread,
+    pub gold_first: Spread,
+    pub gold_final: Spread,
+    pub proxy_final: Spread,
+    pub gap_final: Spread,
+    pub agree_before: Spread,
+    pub agree_after: Spread,
+    pub sqrt_kl_final: Spread,
+    pub length_final: Spread,
+}
+
+/// The experiment's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The matched `sqrt(KL)`: the largest value every run reached.
+    pub matched_sqrt_kl: Option<f64>,
+    pub rows: Vec<MethodRow>,
+    /// R2M minus vanilla gold at the matched KL, paired by seed (interpolated, and fitted).
+    pub r2m_vs_vanilla: Option<Spread>,
+    pub r2m_vs_vanilla_fit: Option<Spread>,
+    pub runs: Vec<RunCurve>,
+    pub plots: Vec<PathBuf>,
+    /// `report.md`.
+    pub markdown: String,
+}
+
+/// Read every finished run of `cfg` in `exp`, write `report.md`, `report.json` and the plots.
+pub fn report(exp: &Path, cfg: &OveroptConfig) -> Result<Report> {
+    let mut runs = Vec::new();
+    for &m in &cfg.methods {
+        for &s in &cfg.seeds {
+            let dir = run_dir(exp, m, s);
+            let p = dir.join("metrics.jsonl");
+            if dir.join("done.json").exists() && p.exists() {
+                runs.push(RunCurve::from_metrics(m, s, &read_step_metrics(&p)?));
+            }
+        }
+    }
+    if runs.is_empty() {
+        return Err(R2mError::Config(format!(
+            "{}: no finished run to report on",
+            exp.display()
+        )));
+    }
+    let matched = runs
+        .iter()
+        .map(|r| r.sqrt_kl.iter().copied().fold(0.0, f64::max))
+        .fold(f64::INFINITY, f64::min);
+    let matched = (matched.is_finite() && matched > 0.0).then_some(matched);
+    let at_kl = |r: &RunCurve| matched.and_then(|k| r.gold_at(k)).unwrap_or(f64::NAN);
+    let at_kl_fit = |r: &RunCurve| matched.and_then(|k| r.gold_fit_at(k)).unwrap_or(f64::NAN);
+    let vanilla: Vec<&RunCurve> = runs
+        .iter()
+        .filter(|r| r.method == RmMethod::Vanilla)
+        .collect();
+    let paired = |m: RmMethod, f: &dyn Fn(&RunCurve) -> f64| -> Spread {
+        let d: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.method == m)
+            .filter_map(|r| {
+                let v = vanilla.iter().find(|v| v.seed == r.seed)?;
+                Some(f(r) - f(v))
+            })
+            .collect();
+        Spread::of(&d)
+    };
+    let mut rows = Vec::new();
+    for &m in &cfg.methods {
+        let rs: Vec<&RunCurve> = runs.iter().filter(|r| r.method == m).collect();
+        if rs.is_empty() {
+            continue;
+        }
+        let over =
+            |f: &dyn Fn(&RunCurve) -> f64| Spread::of(&rs.iter().map(|r| f(r)).collect::<Vec<_>>());
+        let mean_of = |v: &[f64]| Spread::of(v).mean;
+        rows.push(MethodRow {
+            method: method_name(m),
+            seeds: rs.len(),
+            gold_at_kl: over(&at_kl),
+            vs_vanilla_at_kl: paired(m, &at_kl),
+            gold_at_kl_fit: over(&at_kl_fit),
+            vs_vanilla_at_kl_fit: paired(m, &at_kl_fit),
+            gold_first: over(&|r| r.gold[0]),
+            gold_final: over(&|r| RunCurve::tail(&r.gold)),
+            proxy_final: over(&|r| RunCurve::tail(&r.proxy_cal)),
+            gap_final: over(&|r| RunCurve::tail(&r.gap)),
+            agree_before: over(&|r| mean_of(&r.agree_before)),
+            agree_after: over(&|r| mean_of(&r.agree_after)),
+            sqrt_kl_final: over(&|r| RunCurve::tail(&r.sqrt_kl)),
+            length_final: over(&|r| RunCurve::tail(&r.length)),
+        });
+    }
+    let r2m = rows.iter().find(|r| r.method == "r2m");
+    let r2m_vs_vanilla = r2m.map(|r| r.vs_vanilla_at_kl).filter(|s| s.n > 0);
+    let r2m_vs_vanilla_fit = r2m.map(|r| r.vs_vanilla_at_kl_fit).filter(|s| s.n > 0);
+    let plots = report_plots(exp, cfg, &runs)?;
+    let proxy: Option<ProxyRmInfo> = std::fs::read_to_string(exp.join("proxy-rm/proxy_rm.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let mut rep = Report {
+        matched_sqrt_kl: matched,
+        rows,
+        r2m_vs_vanilla,
+        r2m_vs_vanilla_fit,
+        runs,
+        plots,
+        markdown: String::new(),
+    };
+    rep.markdown = markdown(cfg, &rep, proxy.as_ref());
+    write_atomic(&exp.join("report.md"), &rep.markdown)?;
+    write_atomic(
+        &exp.join("report.json"),
+        &serde_json::to_string_pretty(&rep).expect("json"),
+    )?;
+    Ok(rep)
+}
+
+fn markdown(cfg: &OveroptConfig, rep: &Report, proxy: Option<&ProxyRmInfo>) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "# Reward over-optimization: gold (VADER) vs proxy RM\n");
+    let _ = writeln!(
+        s,
+        "Policy `{}` ({} trainable), RLOO, {} steps × {} prompts × {} samples × {} new tokens, lr {}, KL beta {}; seeds {:?}.",
+        cfg.policy,
+        cfg.trainable,
+        cfg.steps,
+        cfg.prompts_per_step,
+        cfg.samples_per_prompt,
+        cfg.max_new_tokens,
+        cfg.lr,
+        cfg.kl_coef,
+        cfg.seeds
+    );
+    if let Some(p) = proxy {
+        let _ = writeln!(
+            s,
+            "Proxy RM: BT `{}` on {} initial-policy pairs labelled by gold ({} labels flipped, noise {}); held-out accuracy against gold {:.3} → {:.3} on {} pairs; proxy/gold correlation {:+.3}.",
+            cfg.rm_trainable,
+            p.train_pairs,
+            p.flipped_labels,
+            cfg.label_noise,
+            p.accuracy_before.unwrap_or(f64::NAN),
+            p.accuracy_after.unwrap_or(f64::NAN),
+            p.eval_pairs,
+            p.calibration.correlation
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nValues are mean ± std over seeds. \"final\" is the mean of the last quarter of the steps. \
+         Proxy is on gold's scale (mean/std matched on the initial policy's held-out responses); \
+         gap = proxy − gold. Agreement: same-prompt response pairs ordered as gold orders them, \
+         before and after the RM's own update in each step, averaged over steps."
+    );
+    match rep.matched_sqrt_kl {
+        Some(k) => {
+            let _ = writeln!(
+                s,
+                "\nMatched sqrt(KL) = {k:.3} (the largest value every run reached).\n"
+            );
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "\nNo KL was reached by every run; gold at matched KL is undefined.\n"
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "| method | seeds | gold @ matched KL | Δ vs vanilla (paired) | gold @ matched KL, fit | Δ vs vanilla, fit | gold first | gold final | proxy final | gap final | agree before | agree after | sqrt KL final | length final |"
+    );
+    let _ = writeln!(
+        s,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for r in &rep.rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} ± {:.1} |",
+            r.method,
+            r.seeds,
+            r.gold_at_kl,
+            r.vs_vanilla_at_kl,
+            r.gold_at_kl_fit,
+            r.vs_vanilla_at_kl_fit,
+            r.gold_first,
+            r.gold_final,
+            r.proxy_final,
+            r.gap_final,
+            r.agree_before.plain(),
+            r.agree_after.plain(),
+            r.sqrt_kl_final.plain(),
+            r.length_final.mean,
+            r.length_final.std
+        );
+    }
+    if let Some(k) = rep.matched_sqrt_kl {
+        for (d, how) in [
+            (rep.r2m_vs_vanilla, "interpolated at the crossing"),
+            (rep.r2m_vs_vanilla_fit, "line fitted to all steps"),
+        ] {
+            if let Some(d) = d {
+                let _ = writeln!(
+                    s,
+                    "\n**R2M − vanilla, gold at sqrt(KL) = {k:.3} ({how}): {:+.4} ± {:.4} over {} paired seeds ({}).**",
+                    d.mean,
+                    d.std,
+                    d.n,
+                    verdict(&d)
+                );
+            }
+        }
+    }
+    s
+}
+
+/// A difference over seeds in words: beyond one standard deviation or not.
+fn verdict(d: &Spread) -> &'static str {
+    if d.n < 2 {
+        "one seed: no spread, no conclusion"
+    } else if d.mean - d.std > 0.0 {
+        "R2M above vanilla by more than one std over seeds"
+    } else if d.mean + d.std < 0.0 {
+        "R2M below vanilla by more than one std over seeds"
+    } else {
+        "within one std over seeds: no clear difference"
+    }
+}
+
+/// The y column of a run in a chart.
+type YOf = fn(&RunCurve) -> &Vec<f64>;
+
+/// Bins of `sqrt(KL)` in the charts against KL: per-step KL estimates are noisy, so points are
+/// pooled into equal-width bins rather than joined in step order.
+const KL_BINS: usize = 6;
+
+/// A run's `(x, y)` in each cell of a chart (`None`: no point there).
+type Cells = Vec<Option<(f64, f64)>>;
+
+/// One method's series over seeds: `cells(run)` gives each run's `(x, y)` per cell (a step, or a
+/// KL bin); a cell's point is the mean over the runs that have it, its band their min..max.
+fn method_series(
+    m: RmMethod,
+    runs: &[RunCurve],
+    cells: &dyn Fn(&RunCurve) -> Cells,
+) -> Option<Series> {
+    let per_run: Vec<Cells> = runs.iter().filter(|r| r.method == m).map(cells).collect();
+    let n_cells = per_run.iter().map(Vec::len).max()?;
+    let (mut points, mut band) = (Vec::new(), Vec::new());
+    for c in 0..n_cells {
+        let got: Vec<(f64, f64)> = per_run
+            .iter()
+            .filter_map(|v| v.get(c).copied().flatten())
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect();
+        if got.is_empty() {
+            continue;
+        }
+        let n = got.len() as f64;
+        let x = got.iter().map(|p| p.0).sum::<f64>() / n;
+        let y = got.iter().map(|p| p.1).sum::<f64>() / n;
+        let lo = got.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+        let hi = got.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+        points.push((x, y));
+        band.push((x, lo, hi));
+    }
+    Some(Series {
+        name: method_name(m),
+        points,
+        band: (per_run.len() > 1).then_some(band),
+    })
+}
+
+fn report_plots(exp: &Path, cfg: &OveroptConfig, runs: &[RunCurve]) -> Result<Vec<PathBuf>> {
+    let dir = exp.join("plots");
+    let mut out = Vec::new();
+    let max_kl = runs
+        .iter()
+        .flat_map(|r| r.sqrt_kl.iter().copied())
+        .filter(|x| x.is_finite())
+        .fold(0.0, f64::max)
+        .max(1e-9);
+    let width = max_kl / KL_BINS as f64;
+    // Each run's mean sqrt(KL) and mean y over its steps in each KL bin.
+    let kl_cells = |y: YOf| {
+        move |r: &RunCurve| -> Cells {
+            let mut sums = vec![(0.0, 0.0, 0usize); KL_BINS];
+            for (&x, &v) in r.sqrt_kl.iter().zip(y(r)) {
+                if x.is_finite() && v.is_finite() {
+                    let b = ((x / width) as usize).min(KL_BINS - 1);
+                    sums[b] = (sums[b].0 + x, sums[b].1 + v, sums[b].2 + 1);
+                }
+            }
+            sums.into_iter()
+                .map(|(sx, sy, n)| (n > 0).then(|| (sx / n as f64, sy / n as f64)))
+                .collect()
+        }
+    };
+    let step_cells = |y: YOf| {
+        move |r: &RunCurve| -> Cells {
+            y(r).iter()
+                .enumerate()
+                .map(|(t, &v)| Some(((t + 1) as f64, v)))
+                .collect()
+        }
+    };
+    let kl_label = format!("sqrt(KL to the reference), {KL_BINS} bins");
+    // (file stem, title, x label, y label, against KL (else step), y column)
+    type Spec<'a> = (&'a str, &'a str, &'a str, &'a str, bool, YOf);
+    let charts: [Spec; 6] = [
+        (
+            "gold_vs_sqrt_kl",
+            "Gold reward (VADER) vs sqrt(KL)",
+            &kl_label,
+            "gold",
+            true,
+            |r| &r.gold,
+        ),
+        (
+            "proxy_vs_sqrt_kl",
+            "Proxy reward (on gold's scale) vs sqrt(KL)",
+            &kl_label,
+            "proxy",
+            true,
+            |r| &r.proxy_cal,
+        ),
+        ("gap", "Proxy − gold", "step", "gap", false, |r| &r.gap),
+        (
+            "agreement_before",
+            "RM agreement with gold on current samples (before its update)",
+            "step",
+            "agreement",
+            false,
+            |r| &r.agree_before,
+        ),
+        (
+            "agreement_after",
+            "RM agreement with gold on current samples (after its update)",
+            "step",
+            "agreement",
+            false,
+            |r| &r.agree_after,
+        ),
+        ("length", "Response length", "step", "tokens", false, |r| {
+            &r.length
+        }),
+    ];
+    for (stem, title, xl, yl, against_kl, y) in charts {
+        let series = cfg
+            .methods
+            .iter()
+            .filter_map(|&m| {
+                if against_kl {
+                    method_series(m, runs, &kl_cells(y))
+                } else {
+                    method_series(m, runs, &step_cells(y))
+                }
+            })
+            .collect();
+        let chart = Chart {
+            title: format!("{title} (mean, min-max over seeds)"),
+            x_label: xl.into(),
+            y_label: yl.into(),
+            series,
+        };
+        out.extend(line_chart(&dir, stem, &chart)?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agreement_counts_pairs_within_groups_only() {
+        // Two groups of 3. Group 1: proxy agrees on all 3 pairs; group 2: on 1 of 3.
+        let proxy = [3.0, 2.0, 1.0, 1.0, 2.0, 3.0];
+        let gold = [0.9, 0.5, 0.1, 0.8, 0.5, 0.6];
+        let (a, n) = pairwise_agreement(3, &proxy, &gold, 0.05);
+        assert_eq!(n, 6);
+        // Group 2 pairs: (0.8,0.5): proxy 1<2 disagrees; (0.8,0.6): disagrees; (0.5,0.6): agrees.
+        assert!((a.unwrap() - 4.0 / 6.0).abs() < 1e-12);
+        // Gold ties are not counted; proxy ties count half.
+        let (a, n) = pairwise_agreement(2, &[1.0, 1.0, 0.0, 5.0], &[0.5, 0.1, 0.3, 0.31], 0.05);
+        assert_eq!((a, n), (Some(0.5), 1));
+        assert_eq!(
+            pairwise_agreement(2, &[1.0, 2.0], &[0.2, 0.2], 0.05),
+            (None, 0)
+        );
+    }
+
+    #[test]
+    fn calibration_maps_moments() {
+        let proxy = [1.0, 3.0, 5.0];
+        let gold = [0.0, 0.2, 0.4];
+        let c = Calibration::fit(&proxy, &gold);
+        assert!((c.apply(3.0) - 0.2).abs() < 1e-12);
+        assert!((c.apply(5.0) - 0.4).abs() < 1e-12);
+        assert!((c.correlation - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn gold_at_interpolates_the_first_crossing() {
+        let r = RunCurve {
+            method: RmMethod::Vanilla,
+            seed: 0,
+            sqrt_kl: vec![0.0, 0.2, 0.4, 0.3],
+            gold: vec![0.0, 0.1, 0.5, 0.9],
+            proxy_cal: vec![],
+            gap: vec![],
+            agree_before: vec![],
+            agree_after: vec![],
+            length: vec![],
+        };
+        assert!((r.gold_at(0.3).unwrap() - 0.3).abs() < 1e-12);
+        assert_eq!(r.gold_at(0.0), Some(0.0));
+        assert_eq!(r.gold_at(0.5), None);
+        // On the line gold = 0.1 + 2 sqrt(KL) the fit is exact.
+        let line = RunCurve {
+            sqrt_kl: vec![0.0, 0.1, 0.2, 0.4],
+            gold: vec![0.1, 0.3, 0.5, 0.9],
+            ..r.clone()
+        };
+        assert!((line.gold_fit_at(0.3).unwrap() - 0.7).abs() < 1e-12);
+        let flat = RunCurve {
+            sqrt_kl: vec![0.0, 0.0],
+            ..line.clone()
+        };
+        assert_eq!(flat.gold_fit_at(0.3), None);
+    }
+
+    #[test]
+    fn label_noise_swaps_replies_and_their_gold_scores() {
+        let pair = GoldPair {
+            prompt: "p".into(),
+            chosen: "good".into(),
+            rejected: "bad".into(),
+            gold_chosen: 0.5,
+            gold_rejected: -0.5,
+            flipped: false,
+        };
+        let mut pairs = vec![pair; 200];
+        let n = apply_label_noise(&mut pairs, 0.3, 7);
+        let flipped: Vec<&GoldPair> = pairs.iter().filter(|p| p.flipped).collect();
+        assert!(n > 0 && flipped.len() == n);
+        assert!(flipped
+            .iter()
+            .all(|p| p.chosen == "bad" && p.gold_chosen < p.gold_rejected));
+    }
+
+    #[test]
+    fn prompts_split_films_between_rm_and_rl() {
+        let (rl, rm) = film_prompts();
+        assert_eq!((rl.len(), rm.len()), (64, 96));
+        assert!(rl.iter().all(|p| !rm.contains(p)));
+        assert!(rl.iter().all(|p| !p.contains("{}")));
+    }
+
+    #[test]
+    fn reduced_config_round_trips_through_toml() {
+        let c = OveroptConfig::reduced();
+        let back: OveroptConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+        let d = config_diff(&c, &OveroptConfig::default());
+        assert!(d.contains(&"steps".to_string()), "{d:?}");
+        assert!(!d.contains(&"policy".to_string()));
+    }
+}

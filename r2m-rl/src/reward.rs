@@ -1,0 +1,378 @@
+//! Rewards behind one trait: an experience in, one scalar per row out.
+//!
+//! - [`RolloutReward`]: what the RL loop asks of a reward: scores, and its own update after the
+//!   policy's (where R2M trains its head, [`crate::r2m_reward::R2mReward`]), which returns named
+//!   diagnostics for the step's metrics;
+//! - [`RewardFn`]: a reward of the sequences alone; every one is a [`RolloutReward`];
+//! - [`LearnedRm`]: a reward model (e.g. from `r2m train-rm`);
+//! - [`RuleReward`]: a rule on the response tokens.
+//!
+//! The missing-EOS penalty is applied by the RL loop to whatever reward is used.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use r2m_core::{R2mError, Result};
+use r2m_data::batches_by_tokens;
+use r2m_data::tokenize::encode_conversation;
+use r2m_models::{RewardModel, Tokenizer};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::experience::{Experience, RewardInput};
+use crate::reward_training::{int_tensor, pad_tokens};
+
+/// Named scalars a reward reports for a step (e.g. R2M's `rm_loss`, an experiment's
+/// `gold_mean`), flattened into the step's line of `metrics.jsonl`. The engine names no
+/// reward's or experiment's type: it only carries these.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct Diagnostics(pub BTreeMap<String, f64>);
+
+impl Diagnostics {
+    /// Set `key` (a value of `None` is left out).
+    pub fn set(&mut self, key: &str, value: impl Into<Option<f64>>) {
+        if let Some(v) = value.into() {
+            self.0.insert(key.to_string(), v);
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<f64> {
+        self.0.get(key).copied()
+    }
+
+    /// Add every entry of `other` (its values win).
+    pub fn extend(&mut self, other: Diagnostics) {
+        self.0.extend(other.0);
+    }
+
+    /// The first non-finite entry.
+    pub fn non_finite(&self) -> Option<(&str, f64)> {
+        self.0
+            .iter()
+            .find(|(_, v)| !v.is_finite())
+            .map(|(k, &v)| (k.as_str(), v))
+    }
+}
+
+/// Reads back what [`Diagnostics`] wrote, from the keys of a metrics line no other field took:
+/// numbers are kept; `null` (older files wrote absent values so) and other values are skipped.
+impl<'de> Deserialize<'de> for Diagnostics {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let map = BTreeMap::<String, serde_json::Value>::deserialize(d)?;
+        Ok(Self(
+            map.into_iter()
+                .filter_map(|(k, v)| v.as_f64().map(|x| (k, x)))
+                .collect(),
+        ))
+    }
+}
+
+/// What [`RolloutReward::score_experience`] returns.
+pub struct Scored<B: Backend> {
+    /// One score per row.
+    pub scores: Vec<f32>,
+    /// `H_last` of each row, `[rows, D_rm]`, when the reward's update needs it (it goes into the
+    /// experience, for [`RolloutReward::update`]).
+    pub rm_hidden: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> From<Vec<f32>> for Scored<B> {
+    fn from(scores: Vec<f32>) -> Self {
+        Self {
+            scores,
+            rm_hidden: None,
+        }
+    }
+}
+
+/// What the RL loop asks of a reward: one score per experience row, and its own update after the
+/// policy's. It keeps no state between the two: everything the update needs is in the
+/// experience (its scores and `H_last`) and in the refreshed hidden states `h'`.
+pub trait RolloutReward<B: Backend> {
+    /// A short name for logs.
+    fn name(&self) -> String;
+    /// Whether the rollout must keep the policy's hidden states `h` (and the policy update
+    /// return the final epoch's `h'`).
+    fn wants_hidden(&self) -> bool {
+        false
+    }
+    /// Score every row of `exp`. `t` counts RL steps from 1; `total` is T.
+    fn score_experience(
+        &mut self,
+        exp: &Experience<B>,
+        t: usize,
+        total: usize,
+    ) -> Result<Scored<B>>;
+    /// After the policy update: `exp` as scored (its `scores` and `rm_hidden` filled) and the
+    /// policy's refreshed hidden states `h'` (`None` unless [`RolloutReward::wants_hidden`]).
+    /// Returns the step's diagnostics.
+    fn update(
+        &mut self,
+        _exp: &Experience<B>,
+        _refreshed_hidden: Option<&Tensor<B, 3>>,
+        _t: usize,
+        _total: usize,
+    ) -> Result<Diagnostics> {
+        Ok(Diagnostics::default())
+    }
+    /// Save whatever the reward trains (R2M: fusion head, `phi`, optimizer state) into `dir`.
+    fn save_state(&self, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
+    /// Restore what [`RolloutReward::save_state`] wrote (a resumed run).
+    fn load_state(&mut self, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl<B: Backend, R: RewardFn> RolloutReward<B> for R {
+    fn name(&self) -> String {
+        RewardFn::name(self)
+    }
+
+    fn score_experience(
+        &mut self,
+        exp: &Experience<B>,
+        _t: usize,
+        _total: usize,
+    ) -> Result<Scored<B>> {
+        RewardFn::score(self, &exp.reward_inputs()).map(Scored::from)
+    }
+}
+
+/// Scores sequences.
+pub trait RewardFn {
+    /// A short name for logs.
+    fn name(&self) -> String;
+    /// One reward per input.
+    fn score(&mut self, batch: &[RewardInput<'_>]) -> Result<Vec<f32>>;
+}
+
+/// A rule-based reward on the response tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RuleReward {
+    /// Share of response tokens equal to this id (EOS excluded from neither count).
+    TokenShare(u32),
+    /// `-|len - target| / target`, with `len` the response length in tokens.
+    Length(usize),
+}
+
+impl std::str::FromStr for RuleReward {
+    type Err = R2mError;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || {
+            R2mError::Config(format!(
+                "unknown variant `{s}`, expected `token-share:ID` or `length:N` (N > 0)"
+            ))
+        };
+        let (kind, arg) = s.split_once(':').ok_or_else(bad)?;
+        let n: usize = arg.trim().parse().map_err(|_| bad())?;
+        match kind.trim() {
+            "token-share" => Ok(Self::TokenShare(n as u32)),
+            "length" if n > 0 => Ok(Self::Length(n)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for RuleReward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TokenShare(id) => write!(f, "token-share:{id}"),
+            Self::Length(n) => write!(f, "length:{n}"),
+        }
+    }
+}
+
+impl RuleReward {
+    /// The reward of one response.
+    pub fn reward(&self, response: &[u32]) -> f32 {
+        match *self {
+            Self::TokenShare(id) => {
+                if response.is_empty() {
+                    0.0
+                } else {
+                    response.iter().filter(|&&t| t == id).count() as f32 / response.len() as f32
+                }
+            }
+            Self::Length(target) => -(response.len() as f32 - target as f32).abs() / target as f32,
+        }
+    }
+}
+
+impl RewardFn for RuleReward {
+    fn name(&self) -> String {
+        format!("rule {self}")
+    }
+
+    fn score(&mut self, batch: &[RewardInput<'_>]) -> Result<Vec<f32>> {
+        Ok(batch.iter().map(|x| self.reward(x.response)).collect())
+    }
+}
+
+/// Check that `policy` maps text to the same token ids as `rm`, as R2M's policy feedback on
+/// the RM's token ids requires: the same vocabulary size and the same ids for a few probe texts.
+/// The error says what differs.
+pub fn check_same_tokenizer(rm: &Tokenizer, policy: &Tokenizer) -> Result<()> {
+    let (vr, vp) = (rm.vocab_size(), policy.vocab_size());
+    if vr != vp {
+        return Err(R2mError::Config(format!(
+            "the policy's tokenizer ({vp} tokens) differs from the reward model's ({vr} tokens): \
+             R2M feeds the policy the reward model's token ids, so both need the same tokenizer"
+        )));
+    }
+    const PROBES: [&str; 3] = [
+        "Human: What is the capital of France?",
+        "Assistant: I'm not sure, but I think it's Paris. 123 + 456 = 579!",
+        " naïve café \u{1F600} \t tabs and\nnew lines",
+    ];
+    for probe in PROBES {
+        let (a, b) = (rm.encode(probe, false)?, policy.encode(probe, false)?);
+        if a != b {
+            return Err(R2mError::Config(format!(
+                "the policy's tokenizer differs from the reward model's: {probe:?} is {b:?} for \
+                 the policy, {a:?} for the reward model; R2M feeds the policy the reward model's \
+                 token ids, so both need the same tokenizer"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A learned reward model on backend `B` (no gradients).
+///
+/// A response is scored as the reward model was trained: the prompt's conversation plus the
+/// response as an assistant turn, rendered with the reward model's chat template. Without
+/// messages or a tokenizer, the policy's token ids are used as they are (the vocabularies must
+/// then agree).
+pub struct LearnedRm<B: Backend> {
+    pub model: RewardModel<B>,
+    pub tokenizer: Option<Tokenizer>,
+    /// Padded tokens per batch.
+    pub token_budget: usize,
+    pub name: String,
+}
+
+impl<B: Backend> LearnedRm<B> {
+    /// Load an RM directory (HF sequence-classification layout, with its tokenizer if present).
+    pub fn load(dir: &std::path::Path, token_budget: usize, device: &B::Device) -> Result<Self> {
+        let model = RewardModel::<B>::load_hf_dir(dir, device)?;
+        let tokenizer = if dir.join("tokenizer.json").exists() {
+            Some(Tokenizer::from_hf_dir(dir)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            model,
+            tokenizer,
+            token_budget,
+            name: format!("rm {}", dir.display()),
+        })
+    }
+
+    /// The token ids the reward model sees for one input.
+    pub fn sequence(&self, x: &RewardInput<'_>) -> Result<Vec<u32>> {
+        match (&self.tokenizer, &x.prompt.messages, x.text) {
+            (Some(tok), Some(messages), Some(text)) => encode_conversation(tok, messages, text),
+            _ => {
+                let vocab = self.model.backbone.config.vocab_size as u32;
+                let ids: Vec<u32> = x.prompt.ids.iter().chain(x.response).copied().collect();
+                if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
+                    return Err(R2mError::Config(format!(
+                        "{}: token id {bad} is outside the reward model's vocabulary ({vocab})",
+                        self.name
+                    )));
+                }
+                Ok(ids)
+            }
+        }
+    }
+
+    /// Rewards of token sequences, batched by padded tokens.
+    pub fn score_sequences(&self, seqs: &[Vec<u32>]) -> Vec<f32> {
+        let (rewards, _) = self.forward_sequences(seqs, false);
+        rewards
+    }
+
+    /// `H_last` (final-norm hidden state at the last token) of each sequence, `[n, hidden]`.
+    pub fn last_hidden(&self, seqs: &[Vec<u32>]) -> Tensor<B, 2> {
+        let (_, h) = self.forward_sequences(seqs, true);
+        h.expect("requested")
+    }
+
+    fn forward_sequences(
+        &self,
+        seqs: &[Vec<u32>],
+        keep_last: bool,
+    ) -> (Vec<f32>, Option<Tensor<B, 2>>) {
+        let dev = self.model.backbone.device();
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
+        let mut out = vec![0f32; seqs.len()];
+        let (mut lasts, mut done) = (Vec::new(), Vec::new());
+        for batch in batches_by_tokens(&order, |i| seqs[i].len(), 1, self.token_budget) {
+            let rows: Vec<&[u32]> = batch.iter().map(|&i| seqs[i].as_slice()).collect();
+            let (ids, padding, s) = pad_tokens(&rows, 0);
+            let o = self
+                .model
+                .forward(int_tensor::<B>(ids, [batch.len(), s], &dev), &padding);
+            let r: Vec<f32> = o
+                .rewards
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .expect("f32 rewards");
+            for (k, &i) in batch.iter().enumerate() {
+                out[i] = r[k];
+            }
+            if keep_last {
+                lasts.push(o.last_hidden);
+                done.extend(batch);
+            }
+        }
+        let last = keep_last.then(|| {
+            // Back to input order.
+            let mut pos = vec![0i64; seqs.len()];
+            for (k, &i) in done.iter().enumerate() {
+                pos[i] = k as i64;
+            }
+            let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(pos, [seqs.len()]), &dev);
+            Tensor::cat(lasts, 0).select(0, idx)
+        });
+        (out, last)
+    }
+}
+
+impl<B: Backend> RewardFn for LearnedRm<B> {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn score(&mut self, batch: &[RewardInput<'_>]) -> Result<Vec<f32>> {
+        let seqs = batch
+            .iter()
+            .map(|x| self.sequence(x))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(self.score_sequences(&seqs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_parse_and_score() {
+        let r: RuleReward = "token-share:7".parse().unwrap();
+        assert_eq!(r, RuleReward::TokenShare(7));
+        assert_eq!(r.reward(&[7, 1, 7, 2]), 0.5);
+        assert_eq!(r.reward(&[]), 0.0);
+        let r: RuleReward = "length:10".parse().unwrap();
+        assert!((r.reward(&[0; 5]) + 0.5).abs() < 1e-6);
+        assert_eq!(r.reward(&[0; 10]), 0.0);
+        for bad in ["length:0", "share:3", "token-share", "length:x"] {
+            assert!(bad.parse::<RuleReward>().is_err(), "{bad}");
+        }
+    }
+}

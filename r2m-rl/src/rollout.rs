@@ -1,0 +1,228 @@
+//! The rollout stage (spec §3 steps 1-3): sample K responses per prompt from the policy snapshot,
+//! then one forward pass of the old policy for its log-probs, its last-layer hidden states `h`
+//! and (with `top:N`) the frozen trunk's output, one of the frozen reference for its log-probs,
+//! and PPO's critic for its values. Everything lands in an [`Experience`].
+//!
+//! The forward-pass helpers here ([`final_hidden`], [`response_hidden`], [`response_logprobs`])
+//! are shared with the policy update ([`crate::update`]).
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{backend::Backend, Int, Tensor};
+use r2m_core::tensor::{entropy, gather_log_probs, pick_targets};
+use r2m_core::{R2mError, Result};
+use r2m_models::Tokenizer;
+use r2m_models::{fused, generate, CausalLm, Generation, GenerationConfig, Padding, RewardModel};
+
+use crate::experience::{Experience, RowSlice};
+use crate::prompt::Prompt;
+use crate::seed::{step_seed, stream};
+
+/// The models the rollout stage runs, on the inner (no-autodiff) backend.
+pub struct RolloutModels<'a, B: Backend> {
+    /// The policy snapshot `pi_old` that samples.
+    pub old: &'a CausalLm<B>,
+    /// The frozen reference `pi_ref`.
+    pub reference: &'a CausalLm<B>,
+    /// PPO's critic.
+    pub critic: Option<&'a RewardModel<B>>,
+    pub tokenizer: Option<&'a Tokenizer>,
+    /// First trainable block (0: everything trains, no frozen trunk).
+    pub start_layer: usize,
+}
+
+/// How the rollout stage runs.
+#[derive(Debug, Clone)]
+pub struct RolloutOptions {
+    /// The sampling settings (temperature, top-k/p, EOS ids, lengths); its seed is replaced per
+    /// generation batch.
+    pub generation: GenerationConfig,
+    /// Rows generated in one batch.
+    pub generation_batch_size: usize,
+    /// Rows per forward pass of the old-policy and reference passes.
+    pub micro_batch_size: usize,
+    /// Keep the old policy's hidden states `h` (R2M).
+    pub keep_hidden: bool,
+    /// The padding id of the token grid.
+    pub pad: u32,
+}
+
+/// Sample `k` responses to each prompt and run the old-policy, reference and critic passes.
+/// Returns the experience and the seconds spent sampling.
+pub fn rollout<B: Backend>(
+    models: &RolloutModels<'_, B>,
+    prompts: Vec<Prompt>,
+    k: usize,
+    opts: &RolloutOptions,
+    seed: u64,
+) -> Result<(Experience<B>, f64)> {
+    if let Some(i) = prompts.iter().position(|p| p.ids.is_empty()) {
+        return Err(R2mError::Config(format!("prompt {i} has no tokens")));
+    }
+    let t0 = std::time::Instant::now();
+    let rows: Vec<usize> = (0..prompts.len() * k).map(|r| r / k).collect();
+    let gens = sample(models, &prompts, &rows, &opts.generation, opts, seed)?;
+    let gen_secs = t0.elapsed().as_secs_f64();
+    let mut exp = Experience::new(prompts, k, gens, opts.pad);
+    old_and_ref_pass(models, &mut exp, opts);
+    Ok((exp, gen_secs))
+}
+
+/// Generate for `rows` (prompt indices) in batches of `generation_batch_size`, each batch with
+/// its own seed derived from `seed`.
+pub fn sample<B: Backend>(
+    models: &RolloutModels<'_, B>,
+    prompts: &[Prompt],
+    rows: &[usize],
+    generation: &GenerationConfig,
+    opts: &RolloutOptions,
+    seed: u64,
+) -> Result<Vec<Generation>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for (chunk, idx) in rows.chunks(opts.generation_batch_size.max(1)).enumerate() {
+        let ids: Vec<Vec<u32>> = idx.iter().map(|&i| prompts[i].ids.clone()).collect();
+        let cfg = GenerationConfig {
+            seed: step_seed(seed, chunk, stream::GENERATION_BATCH),
+            ..generation.clone()
+        };
+        out.extend(generate(models.old, models.tokenizer, &ids, &cfg)?);
+    }
+    Ok(out)
+}
+
+fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().expect("f32")
+}
+
+/// One pass of the old policy (log-probs, `h`, the frozen stream), one of the reference and one
+/// of the critic, in micro-batches over the full grid.
+pub fn old_and_ref_pass<B: Backend>(
+    models: &RolloutModels<'_, B>,
+    exp: &mut Experience<B>,
+    opts: &RolloutOptions,
+) {
+    let (old, start_layer) = (models.old, models.start_layer);
+    let dev = old.device();
+    let temp = opts.generation.temperature;
+    let rows: Vec<usize> = (0..exp.rows()).collect();
+    let (mut streams, mut hiddens) = (Vec::new(), Vec::new());
+    let (mut old_lp, mut ref_lp, mut values) = (Vec::new(), Vec::new(), Vec::new());
+    for chunk in rows.chunks(opts.micro_batch_size.max(1)) {
+        let s = exp.full_slice(chunk);
+        let padding = exp.input_padding(&s);
+        let ids = exp.input_ids::<B>(&s, &dev);
+        let targets = exp.targets::<B>(&s, &dev);
+        let stream = (start_layer > 0)
+            .then(|| old.forward_layers(old.embed(ids.clone()), &padding, 0..start_layer, None));
+        let start = |m: &CausalLm<B>| match &stream {
+            Some(x) => final_hidden(m, Start::Stream(x.clone(), start_layer), &padding),
+            None => final_hidden(m, Start::Tokens(ids.clone()), &padding),
+        };
+        let logprobs = |m: &CausalLm<B>, h: Tensor<B, 3>| {
+            let h = response_hidden(h, &s, exp.prompt_cols);
+            let (lp, _) = response_logprobs(m, h, targets.clone(), temp, false);
+            exp.split_rows(&s, &to_vec(lp))
+        };
+        let h = start(old);
+        old_lp.extend(logprobs(old, h.clone()));
+        ref_lp.extend(logprobs(models.reference, start(models.reference)));
+        if let Some(c) = models.critic {
+            let hc = response_hidden(start(&c.backbone), &s, exp.prompt_cols);
+            let v = c.score.forward(hc).squeeze_dim::<2>(2);
+            values.extend(exp.split_rows(&s, &to_vec(v)));
+        }
+        if opts.keep_hidden {
+            hiddens.push(h);
+        }
+        if let Some(x) = stream {
+            streams.push(x);
+        }
+    }
+    exp.old_logprobs = old_lp;
+    exp.ref_logprobs = ref_lp;
+    exp.values = models.critic.is_some().then_some(values);
+    exp.stream = (!streams.is_empty()).then(|| Tensor::cat(streams, 0));
+    exp.hidden = (!hiddens.is_empty()).then(|| Tensor::cat(hiddens, 0));
+}
+
+/// Where a forward pass starts.
+pub enum Start<B: Backend> {
+    /// From token ids (the whole model runs).
+    Tokens(Tensor<B, 2, Int>),
+    /// From the cached residual stream entering block `layer`.
+    Stream(Tensor<B, 3>, usize),
+}
+
+/// Last-layer hidden states (after the final norm) of `model` over a slice's input columns.
+///
+/// # Shapes
+/// - returns `[rows, hi - 1 - lo, hidden]`
+pub fn final_hidden<B: Backend>(
+    model: &CausalLm<B>,
+    start: Start<B>,
+    padding: &Padding,
+) -> Tensor<B, 3> {
+    let n = model.layers.len();
+    let x = match start {
+        Start::Tokens(ids) => model.forward_layers(model.embed(ids), padding, 0..n, None),
+        Start::Stream(x, layer) => model.forward_layers(x, padding, layer..n, None),
+    };
+    model.norm.forward(x)
+}
+
+/// Hidden states at the columns that predict response tokens, `[rows, hi - P, hidden]`.
+pub fn response_hidden<B: Backend>(
+    hidden: Tensor<B, 3>,
+    s: &RowSlice,
+    prompt_cols: usize,
+) -> Tensor<B, 3> {
+    hidden.narrow(1, prompt_cols - 1 - s.lo, s.hi - prompt_cols)
+}
+
+/// The log-prob of each target under `softmax(logits / temperature)`, and each position's entropy.
+///
+/// The entropy has a gradient only with `entropy_grad` (an entropy bonus in the loss); otherwise
+/// both come from [`r2m_models::fused::token_log_probs_with_entropy`], which on the CPU backend
+/// never builds the `[rows, r, vocab]` log-softmax (the entropy is then a metric, no gradient).
+///
+/// # Shapes
+/// - `response_hidden`: `[rows, r, hidden]`, `targets`: `[rows, r]` -> `([rows, r], [rows, r])`
+pub fn response_logprobs<B: Backend>(
+    model: &CausalLm<B>,
+    response_hidden: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+    temperature: f32,
+    entropy_grad: bool,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let logits = model.lm_head(response_hidden);
+    let logits = if temperature != 1.0 {
+        logits.div_scalar(temperature)
+    } else {
+        logits
+    };
+    if !entropy_grad {
+        return fused::token_log_probs_with_entropy(logits, targets);
+    }
+    let log_probs = log_softmax(logits, 2);
+    (pick_targets(log_probs.clone(), targets), entropy(log_probs))
+}
+
+/// Log-probs of the response tokens of `rows` under `model` from token ids (the whole model),
+/// as per-row vectors. Used by tests and tools that need a plain recomputation.
+pub fn recompute_logprobs<B: Backend>(
+    model: &CausalLm<B>,
+    exp: &Experience<B>,
+    rows: &[usize],
+    temperature: f32,
+) -> Vec<Vec<f32>> {
+    let dev = model.device();
+    let s = exp.slice(rows);
+    let hidden = final_hidden(
+        model,
+        Start::Tokens(exp.input_ids::<B>(&s, &dev)),
+        &exp.input_padding(&s),
+    );
+    let logits = model.lm_head(response_hidden(hidden, &s, exp.prompt_cols));
+    let logp = gather_log_probs(logits.div_scalar(temperature), exp.targets::<B>(&s, &dev));
+    let flat: Vec<f32> = logp.into_data().convert::<f32>().to_vec().expect("f32");
+    exp.split_rows(&s, &flat)
+}
