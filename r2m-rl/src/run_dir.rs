@@ -9,7 +9,8 @@
 //!     policy.bin policy_optim.bin [critic.bin critic_optim.bin] trainer.json
 //!     sampler.json (data position)  r2m/ (R2M fusion state)
 //! RUN/r2m/                 the final R2M state
-//! RUN/final/               the final policy as an HF directory
+//! RUN/adapter/             the final LoRA adapter in PEFT's format (`model.trainable = "lora"`)
+//! RUN/final/               the final policy as an HF directory (adapters merged)
 //! ```
 //!
 //! A checkpoint is written into `checkpoints/.step-NNNNNN.tmp/` and renamed into place once
@@ -288,8 +289,9 @@ impl RunDir {
         })
     }
 
-    /// A finished run's outputs: the reward's final state (`RUN/r2m/`) and, with `save_final`,
-    /// the policy as an HF directory (`RUN/final/`).
+    /// A finished run's outputs: the reward's final state (`RUN/r2m/`), the policy's LoRA
+    /// adapter in PEFT's format when it has one (`RUN/adapter/`, always: it is small) and, with
+    /// `save_final`, the policy as an HF directory (`RUN/final/`, adapters merged).
     pub fn write_final<B: AutodiffBackend>(
         &self,
         trainer: &RlTrainer<B>,
@@ -297,9 +299,14 @@ impl RunDir {
         save_final: bool,
     ) -> Result<()> {
         reward.save_state(&self.path.join("r2m"))?;
+        let policy = trainer.policy.valid();
+        if r2m_models::lora::has_adapters(&policy) {
+            let base = &trainer.cfg.model.policy;
+            r2m_models::lora::save_peft_adapter(&policy, &self.path.join("adapter"), base)?;
+        }
         if save_final {
             r2m_models::save_hf_dir(
-                &trainer.policy.valid(),
+                &policy,
                 trainer.tokenizer.as_ref(),
                 &self.path.join("final"),
             )?;

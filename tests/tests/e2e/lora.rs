@@ -284,6 +284,32 @@ fn a_saved_adapter_is_a_starting_point() {
     );
 }
 
+/// A finished LoRA run writes its adapter in PEFT's format (`RUN/adapter/`) beside the merged
+/// `RUN/final/`; loaded onto the base, it gives the trained policy's logits.
+#[test]
+fn a_lora_run_writes_its_peft_adapter() {
+    let mut cfg = rule_config(AdvantageKind::Rloo);
+    cfg.run.steps = 2;
+    let mut trainer = RlTrainer::new(tiny_policy(), None, cfg).unwrap();
+    let mut reward = RuleReward::TokenShare(TARGET);
+    let tmp = tempfile::tempdir().unwrap();
+    r2m_rl::train(
+        &mut trainer,
+        &tiny_prompts(4),
+        &mut reward,
+        Some(tmp.path()),
+    )
+    .unwrap();
+    let dir = tmp.path().join("adapter");
+    assert_eq!(read_config(&dir)["peft_type"], "LORA");
+    let loaded = lora::load_peft_adapter(tiny_policy().valid(), &dir).unwrap();
+    let rows = vec![vec![1, 5, 9, 42, 7]];
+    let trained = logits_of(&trainer.policy.valid(), &rows);
+    assert_eq!(logits_of(&loaded, &rows), trained);
+    assert_ne!(logits_of(&tiny_policy().valid(), &rows), trained);
+    assert!(tmp.path().join("final").join("config.json").exists());
+}
+
 /// Every estimator takes LoRA steps (PPO's critic is the adapted body too, its base frozen), and
 /// a checkpoint restores the adapters and their optimizer exactly.
 #[test]
