@@ -376,6 +376,45 @@ pub fn has_adapters<B: Backend>(model: &CausalLm<B>) -> bool {
     first_adapted_layer(model).is_some()
 }
 
+/// Every adapter of `model`, block by block in a fixed order of sites: what a checkpoint saves
+/// (their records keep their parameter ids, which the optimizer's state is keyed by).
+pub fn adapters_in_order<B: Backend>(model: &CausalLm<B>) -> Vec<LoraAdapter<B>> {
+    let per_block = |b: &Block<B>| -> Vec<LoraAdapter<B>> {
+        Site::EVERY
+            .iter()
+            .filter_map(|s| s.adapter(b).cloned())
+            .collect()
+    };
+    model.layers.iter().flat_map(per_block).collect()
+}
+
+/// Put `adapters`, as [`adapters_in_order`] listed them, back into `model`'s adapter slots (the
+/// model must carry adapters at the same sites).
+pub fn replace_adapters<B: Backend>(
+    mut model: CausalLm<B>,
+    adapters: Vec<LoraAdapter<B>>,
+) -> Result<CausalLm<B>> {
+    let n = adapters.len();
+    let mut it = adapters.into_iter();
+    for block in model.layers.iter_mut() {
+        for site in Site::EVERY {
+            if let Some(slot) = site.slot(block).filter(|slot| slot.is_some()) {
+                *slot = Some(it.next().ok_or_else(|| {
+                    R2mError::Other(format!(
+                        "{n} adapters, but the model has more adapter sites"
+                    ))
+                })?);
+            }
+        }
+    }
+    match it.next() {
+        Some(_) => Err(R2mError::Other(format!(
+            "{n} adapters, but the model has fewer adapter sites"
+        ))),
+        None => Ok(model),
+    }
+}
+
 /// The lowest block with an adapter (`None` without adapters): every block below it is plain.
 pub fn first_adapted_layer<B: Backend>(model: &CausalLm<B>) -> Option<usize> {
     (model.layers.iter()).position(|block| Site::EVERY.iter().any(|s| s.adapter(block).is_some()))

@@ -795,6 +795,24 @@ impl<B: Backend> CausalLm<B> {
         })
     }
 
+    /// sha256 of the weights as [`CausalLm::to_weights`] lists them (names, shapes and f32
+    /// bytes): the identity of a base model, which a checkpoint records so that a resume onto
+    /// another base is refused.
+    pub fn weights_sha256(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for (name, t) in self.to_weights() {
+            h.update(name.as_bytes());
+            for d in &t.shape {
+                h.update((*d as u64).to_le_bytes());
+            }
+            for x in &t.data {
+                h.update(x.to_le_bytes());
+            }
+        }
+        format!("{:x}", h.finalize())
+    }
+
     /// All parameters as HF-named host tensors (the inverse of [`CausalLm::from_weights`]).
     /// LoRA adapters ([`crate::lora`]) are merged into the weights they adapt, so an HF export of
     /// an adapted model is the merged model.

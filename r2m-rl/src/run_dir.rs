@@ -6,7 +6,9 @@
 //! RUN/samples.jsonl        `run.log_samples` responses per step
 //! RUN/plots/*.{png,svg}    reward, KL, response length, R2M update loss against step
 //! RUN/checkpoints/step-NNNNNN/
-//!     policy.bin policy_optim.bin [critic.bin critic_optim.bin] trainer.json
+//!     what trains of the policy: policy.bin (`all`), blocks.bin + norm.bin (`top:N`) or
+//!     adapters.bin (`lora`); policy_optim.bin [critic.bin critic_optim.bin]
+//!     trainer.json (step, optimizer steps, beta, the base model's spec and weights' sha256)
 //!     sampler.json (data position)  r2m/ (R2M fusion state)
 //! RUN/r2m/                 the final R2M state
 //! RUN/adapter/             the final LoRA adapter in PEFT's format (`model.trainable = "lora"`)

@@ -76,6 +76,8 @@ pub struct RlTrainer<B: AutodiffBackend> {
     mid_step: bool,
     eos: Vec<u32>,
     pad: u32,
+    /// sha256 of the base's weights, computed at the first checkpoint.
+    base_sha256: std::sync::OnceLock<String>,
 }
 
 fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
@@ -148,6 +150,7 @@ impl<B: AutodiffBackend> RlTrainer<B> {
             mid_step: false,
             eos,
             pad,
+            base_sha256: std::sync::OnceLock::new(),
         })
     }
 
@@ -458,7 +461,7 @@ impl<B: AutodiffBackend> RlTrainer<B> {
     /// the step counter restores them.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
         let rec = BinFileRecorder::<FullPrecisionSettings>::new();
-        save_record::<B, _>(&rec, self.policy.clone().into_record(), dir, "policy")?;
+        self.save_trainable(&rec, dir)?;
         save_record::<B, _>(&rec, self.optim.to_record(), dir, "policy_optim")?;
         if let (Some(c), Some(o)) = (&self.critic, &self.critic_optim) {
             save_record::<B, _>(&rec, c.clone().into_record(), dir, "critic")?;
@@ -469,6 +472,7 @@ impl<B: AutodiffBackend> RlTrainer<B> {
             optimizer_steps: self.optimizer_steps,
             kl_coef: self.kl_coef,
             kl_coef_bits: self.kl_coef.to_bits(),
+            base: Some(self.base_identity()),
         };
         let p = dir.join("trainer.json");
         std::fs::write(&p, serde_json::to_string_pretty(&state).expect("json"))
@@ -482,10 +486,21 @@ impl<B: AutodiffBackend> RlTrainer<B> {
         let text = std::fs::read_to_string(&p).map_err(|e| R2mError::io(&p, e))?;
         let state: TrainerState =
             serde_json::from_str(&text).map_err(|e| R2mError::format(&p, e.to_string()))?;
+        if let Some(saved) = &state.base {
+            let here = self.base_identity();
+            if saved.sha256 != here.sha256 {
+                return Err(R2mError::format(
+                    &p,
+                    format!(
+                        "the checkpoint trained base `{}` (weights sha256 {}), but this run's base `{}` has sha256 {}: resume with the same base model",
+                        saved.model, saved.sha256, here.model, here.sha256
+                    ),
+                ));
+            }
+        }
         let rec = BinFileRecorder::<FullPrecisionSettings>::new();
         let dev = self.policy.device();
-        let policy = load_record::<B, _>(&rec, dir, "policy", &dev)?;
-        self.policy = self.policy.clone().load_record(policy);
+        self.load_trainable(&rec, dir, &dev)?;
         let optim = load_record::<B, _>(&rec, dir, "policy_optim", &dev)?;
         let fresh = adamw::<B, CausalLm<B>>(self.cfg.optim.weight_decay);
         self.optim = std::mem::replace(&mut self.optim, fresh).load_record(optim);
@@ -501,6 +516,93 @@ impl<B: AutodiffBackend> RlTrainer<B> {
         self.optimizer_steps = state.optimizer_steps;
         self.kl_coef = f64::from_bits(state.kl_coef_bits);
         self.mid_step = false;
+        Ok(())
+    }
+
+    /// The base model a checkpoint trains on: the config's model spec and the sha256 of the
+    /// reference's weights (the initial policy; with LoRA, the base without adapters). Computed
+    /// once.
+    fn base_identity(&self) -> BaseIdentity {
+        let sha256 = self
+            .base_sha256
+            .get_or_init(|| self.reference.weights_sha256())
+            .clone();
+        BaseIdentity {
+            model: self.cfg.model.policy.clone(),
+            sha256,
+        }
+    }
+
+    /// Write what trains of the policy: with LoRA its adapters (`adapters.bin`), with `top:N` the
+    /// trained blocks and the final norm (`blocks.bin`, `norm.bin`), else the whole policy
+    /// (`policy.bin`). Records keep their parameter ids, which the optimizer state is keyed by.
+    fn save_trainable(
+        &self,
+        rec: &BinFileRecorder<FullPrecisionSettings>,
+        dir: &Path,
+    ) -> Result<()> {
+        match self.cfg.model.trainable {
+            Trainable::Lora => {
+                let adapters = r2m_models::lora::adapters_in_order(&self.policy);
+                let records: Vec<_> = adapters.into_iter().map(Module::into_record).collect();
+                save_record::<B, _>(rec, records, dir, "adapters")
+            }
+            Trainable::Top(_) => {
+                let blocks = &self.policy.layers[self.start_layer..];
+                let records: Vec<_> = blocks.iter().map(|b| b.clone().into_record()).collect();
+                save_record::<B, _>(rec, records, dir, "blocks")?;
+                save_record::<B, _>(rec, self.policy.norm.clone().into_record(), dir, "norm")
+            }
+            _ => save_record::<B, _>(rec, self.policy.clone().into_record(), dir, "policy"),
+        }
+    }
+
+    /// Restore what [`RlTrainer::save_trainable`] wrote onto this trainer's policy.
+    fn load_trainable(
+        &mut self,
+        rec: &BinFileRecorder<FullPrecisionSettings>,
+        dir: &Path,
+        dev: &B::Device,
+    ) -> Result<()> {
+        let policy = self.policy.clone();
+        self.policy = match self.cfg.model.trainable {
+            Trainable::Lora => {
+                let records: Vec<_> = load_record::<B, _>(rec, dir, "adapters", dev)?;
+                let current = r2m_models::lora::adapters_in_order(&policy);
+                if records.len() != current.len() {
+                    let what = format!(
+                        "{} adapters, this policy has {}",
+                        records.len(),
+                        current.len()
+                    );
+                    return Err(R2mError::format(dir.join("adapters.bin"), what));
+                }
+                let loaded = current
+                    .into_iter()
+                    .zip(records)
+                    .map(|(a, r)| a.load_record(r));
+                r2m_models::lora::replace_adapters(policy, loaded.collect())?
+            }
+            Trainable::Top(_) => {
+                let records: Vec<_> = load_record::<B, _>(rec, dir, "blocks", dev)?;
+                let mut policy = policy;
+                if records.len() != policy.layers.len() - self.start_layer {
+                    let what = format!(
+                        "{} trained blocks, this run trains {}",
+                        records.len(),
+                        policy.layers.len() - self.start_layer
+                    );
+                    return Err(R2mError::format(dir.join("blocks.bin"), what));
+                }
+                for (block, r) in policy.layers[self.start_layer..].iter_mut().zip(records) {
+                    *block = block.clone().load_record(r);
+                }
+                let norm = load_record::<B, _>(rec, dir, "norm", dev)?;
+                policy.norm = policy.norm.clone().load_record(norm);
+                policy
+            }
+            _ => policy.load_record(load_record::<B, _>(rec, dir, "policy", dev)?),
+        };
         Ok(())
     }
 
@@ -596,6 +698,16 @@ struct TrainerState {
     /// For people; `kl_coef_bits` is what is restored (JSON floats need not round-trip exactly).
     kl_coef: f64,
     kl_coef_bits: u64,
+    /// The base model trained on (absent in checkpoints written before it was recorded).
+    #[serde(default)]
+    base: Option<BaseIdentity>,
+}
+
+/// Which base model a checkpoint trains: the model spec (for people) and its weights' sha256.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct BaseIdentity {
+    model: String,
+    sha256: String,
 }
 
 fn save_record<B: Backend, R: burn::record::Record<B>>(

@@ -38,7 +38,8 @@ fn overopt_reduced_runs_every_method_resumes_and_reports() {
     assert!(s.interrupted && s.ran.is_empty() && s.report.is_none());
     let first = run_dir(&exp, RmMethod::Vanilla, 0);
     assert_eq!(lines(&first.join("metrics.jsonl")).len(), 1);
-    assert!(first.join("checkpoints/step-000001/policy.bin").exists());
+    // The policy trains its top blocks: the checkpoint holds those (blocks.bin), not the policy.
+    assert!(first.join("checkpoints/step-000001/blocks.bin").exists());
     assert!(!run_dir(&exp, RmMethod::R2m, 0).exists());
 
     // The proxy RM's pairs: gold-labelled samples of the initial policy.

@@ -6,6 +6,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use burn::module::AutodiffModule;
 use r2m_core::R2mError;
 use r2m_models::load_hf_dir;
 use r2m_rl::advantage::AdvantageKind;
@@ -297,7 +298,9 @@ fn demo_runs_end_to_end_in_a_reduced_form() {
         "config.toml",
         "samples.jsonl",
         "rm/config.json",
-        "checkpoints/step-000002/policy.bin",
+        // top:2 trains: the checkpoint holds those blocks and the final norm, not the policy.
+        "checkpoints/step-000002/blocks.bin",
+        "checkpoints/step-000002/norm.bin",
         "r2m/r2m_head.bin",
         "final/config.json",
         "final/model.safetensors",
@@ -308,6 +311,7 @@ fn demo_runs_end_to_end_in_a_reduced_form() {
     ] {
         assert!(out.join(p).exists(), "{p}");
     }
+    assert!(!out.join("checkpoints/step-000002/policy.bin").exists());
     let cfg = RlConfig::load(&out.join("config.toml")).unwrap();
     assert_eq!(cfg.r2m.method, RmMethod::R2m);
     // The final policy loads back, with its tokenizer.
@@ -354,5 +358,56 @@ fn a_non_finite_loss_or_gradient_norm_stops_the_run_naming_it() {
             e.to_string().contains("no checkpoint was written yet"),
             "{e}"
         );
+    }
+}
+
+/// With `top:N` and LoRA a checkpoint holds only what trains (no `policy.bin`), resumes to the
+/// same next step, and refuses a trainer built on another base model.
+#[test]
+fn checkpoints_hold_only_what_trains_resume_exactly_and_refuse_another_base() {
+    use r2m_rl::Trainable;
+    for (trainable, kept) in [
+        (Trainable::Top(1), "blocks.bin"),
+        (Trainable::Lora, "adapters.bin"),
+    ] {
+        let mut cfg = config();
+        cfg.reward = RewardSection {
+            kind: RewardKind::Rule,
+            rule: Some(RuleReward::Length(3)),
+            ..Default::default()
+        };
+        cfg.r2m.method = RmMethod::Vanilla;
+        cfg.algo.advantage = AdvantageKind::Rloo;
+        cfg.model.trainable = trainable;
+        let mut reward = RuleReward::Length(3);
+        let mut a = RlTrainer::new(tiny_policy(), None, cfg.clone()).unwrap();
+        a.step(tiny_prompts(3), &mut reward).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        a.save_checkpoint(tmp.path()).unwrap();
+        assert!(!tmp.path().join("policy.bin").exists(), "{trainable}");
+        assert!(tmp.path().join(kept).exists(), "{trainable}");
+        let mut b = RlTrainer::new(tiny_policy(), None, cfg.clone()).unwrap();
+        b.load_checkpoint(tmp.path()).unwrap();
+        let (ma, _) = a.step(tiny_prompts(3), &mut reward).unwrap();
+        let (mb, _) = b.step(tiny_prompts(3), &mut reward).unwrap();
+        assert_eq!(
+            (ma.policy_loss, ma.grad_norm, ma.kl),
+            (mb.policy_loss, mb.grad_norm, mb.kl),
+            "{trainable}"
+        );
+        let weights = |t: &RlTrainer<AB>| t.policy.valid().to_weights();
+        let (wa, wb) = (weights(&a), weights(&b));
+        assert!(
+            wa.iter()
+                .zip(&wb)
+                .all(|(x, y)| x.0 == y.0 && x.1.data == y.1.data),
+            "{trainable}: weights differ after the resumed step"
+        );
+        // Another base model: refused, saying why.
+        let mut other = tiny_policy();
+        other.embed_tokens = other.embed_tokens.map(|w| w.mul_scalar(1.01));
+        let mut c = RlTrainer::new(other, None, cfg).unwrap();
+        let e = c.load_checkpoint(tmp.path()).unwrap_err().to_string();
+        assert!(e.contains("sha256") && e.contains("same base"), "{e}");
     }
 }
