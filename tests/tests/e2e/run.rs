@@ -222,14 +222,8 @@ impl RewardFn for NanAt {
     }
 }
 
-/// Train a rule-reward RLOO run with `reward` until it stops; the error must be NonFinite at
-/// `want_step`, naming `what`. Returns the error and the run directory.
-fn run_until_non_finite(
-    reward: &mut dyn r2m_rl::RolloutReward<TB>,
-    want_step: usize,
-    what: &str,
-) -> (R2mError, tempfile::TempDir) {
-    let tmp = tempfile::tempdir().unwrap();
+/// The tiny run's config with plain RLOO on a length rule (no R2M, no critic).
+fn rule_config() -> RlConfig {
     let mut cfg = config();
     cfg.reward = RewardSection {
         kind: RewardKind::Rule,
@@ -238,6 +232,18 @@ fn run_until_non_finite(
     };
     cfg.r2m.method = RmMethod::Vanilla;
     cfg.algo.advantage = AdvantageKind::Rloo;
+    cfg
+}
+
+/// Train a rule-reward RLOO run with `reward` until it stops; the error must be NonFinite at
+/// `want_step`, naming `what`. Returns the error and the run directory.
+fn run_until_non_finite(
+    reward: &mut dyn r2m_rl::RolloutReward<TB>,
+    want_step: usize,
+    what: &str,
+) -> (R2mError, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = rule_config();
     let mut trainer = RlTrainer::new(tiny_policy(), None, cfg).unwrap();
     let e = train_with(
         &mut trainer,
@@ -370,14 +376,7 @@ fn checkpoints_hold_only_what_trains_resume_exactly_and_refuse_another_base() {
         (Trainable::Top(1), "blocks.bin"),
         (Trainable::Lora, "adapters.bin"),
     ] {
-        let mut cfg = config();
-        cfg.reward = RewardSection {
-            kind: RewardKind::Rule,
-            rule: Some(RuleReward::Length(3)),
-            ..Default::default()
-        };
-        cfg.r2m.method = RmMethod::Vanilla;
-        cfg.algo.advantage = AdvantageKind::Rloo;
+        let mut cfg = rule_config();
         cfg.model.trainable = trainable;
         let mut reward = RuleReward::Length(3);
         let mut a = RlTrainer::new(tiny_policy(), None, cfg.clone()).unwrap();
