@@ -7,7 +7,7 @@
 # timed generate, greedy and sampled: 4 generates), and logs every kernel launch through a
 # `cubecl.toml` in a scratch directory. The difference between the two runs, divided by the 16
 # extra decoding steps, is the kernels per decoded token; the histogram of that difference says
-# which kernels they are. Example: `bash scripts/count_kernels.sh target/release/r2m wgpu 8`; on a
+# which kernels they are (a binary built with `--features wgpu` or `cuda`). Example: `bash scripts/count_kernels.sh target/release/r2m wgpu 8`; on a
 # machine without the GGUF, `MODEL=random:scripts/reference/smollm2-135m-config.json` (same
 # architecture, made-up weights; run from the repository root) and `-- --dtype bf16` on CUDA.
 set -euo pipefail
