@@ -238,15 +238,8 @@ impl Site {
         if neox {
             &[Site::Qkv, Site::O, Site::Up, Site::Down]
         } else {
-            &[
-                Site::Q,
-                Site::K,
-                Site::V,
-                Site::O,
-                Site::Gate,
-                Site::Up,
-                Site::Down,
-            ]
+            // Every site but the fused q/k/v.
+            &Self::EVERY[..7]
         }
     }
 

@@ -60,7 +60,7 @@ pub fn rollout<B: Backend>(
     }
     let t0 = std::time::Instant::now();
     let rows: Vec<usize> = (0..prompts.len() * k).map(|r| r / k).collect();
-    let gens = sample(models, &prompts, &rows, &opts.generation, opts, seed)?;
+    let gens = sample(models, &prompts, &rows, opts, seed)?;
     let gen_secs = t0.elapsed().as_secs_f64();
     let mut exp = Experience::new(prompts, k, gens, opts.pad);
     old_and_ref_pass(models, &mut exp, opts);
@@ -73,7 +73,6 @@ pub fn sample<B: Backend>(
     models: &RolloutModels<'_, B>,
     prompts: &[Prompt],
     rows: &[usize],
-    generation: &GenerationConfig,
     opts: &RolloutOptions,
     seed: u64,
 ) -> Result<Vec<Generation>> {
@@ -82,7 +81,7 @@ pub fn sample<B: Backend>(
         let ids: Vec<Vec<u32>> = idx.iter().map(|&i| prompts[i].ids.clone()).collect();
         let cfg = GenerationConfig {
             seed: step_seed(seed, chunk, stream::GENERATION_BATCH),
-            ..generation.clone()
+            ..opts.generation.clone()
         };
         out.extend(generate(models.old, models.tokenizer, &ids, &cfg)?);
     }

@@ -256,7 +256,7 @@ impl<B: AutodiffBackend> RlTrainer<B> {
         let models = self.rollout_models(&old, None);
         let opts = self.rollout_options(0.0);
         let rows: Vec<usize> = (0..exp.prompts.len()).collect();
-        let gens = rollout::sample(&models, &exp.prompts, &rows, &opts.generation, &opts, seed)?;
+        let gens = rollout::sample(&models, &exp.prompts, &rows, &opts, seed)?;
         let t_gen = t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
         let mut greedy = Experience::new(exp.prompts.clone(), 1, gens, self.pad);

@@ -10,8 +10,7 @@ use r2m_models::lora::{self, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use r2m_models::weights::{load_safetensors_file, WeightMap};
 use r2m_models::{load_hf_dir, CausalLm, Padding};
 use r2m_rl::advantage::AdvantageKind;
-use r2m_rl::config::{RewardKind, RewardSection};
-use r2m_rl::{RlConfig, RlTrainer, RuleReward, Trainable};
+use r2m_rl::{RlConfig, RlTrainer, RuleReward};
 use serde_json::Value;
 
 use crate::common::*;
@@ -22,30 +21,11 @@ const TARGET: u32 = 42;
 /// PEFT's logits match to this (f32, the same weights).
 const TOL: f32 = 1e-4;
 
-/// As `rl.rs`'s: a token-share reward on the tiny policy, here with `trainable = "lora"`.
+/// `rl.rs`'s token-share reward on the tiny policy, with `trainable = "lora"` (r 4, alpha 8).
 fn rule_config(advantage: AdvantageKind) -> RlConfig {
-    let mut cfg = RlConfig {
-        reward: RewardSection {
-            kind: RewardKind::Rule,
-            rule: Some(RuleReward::TokenShare(TARGET)),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    cfg.model.trainable = Trainable::Lora;
+    let mut cfg = crate::rl::rule_config(advantage, "lora");
     cfg.lora.r = 4;
     cfg.lora.alpha = 8.0;
-    cfg.rollout.prompts_per_step = 4;
-    cfg.rollout.samples_per_prompt = 8;
-    cfg.rollout.max_new_tokens = 8;
-    cfg.rollout.temperature = 1.0;
-    cfg.algo.advantage = advantage;
-    cfg.algo.kl_coef = 0.001;
-    cfg.optim.lr = 1e-2;
-    cfg.optim.epochs = 2;
-    cfg.optim.mini_batch_size = 16;
-    cfg.optim.micro_batch_size = 8;
-    cfg.run.steps = 1000;
     cfg
 }
 

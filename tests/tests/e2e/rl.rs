@@ -15,7 +15,7 @@ use crate::common::*;
 /// The token the tiny policy is rewarded for emitting.
 const TARGET: u32 = 42;
 
-fn rule_config(advantage: AdvantageKind, trainable: &str) -> RlConfig {
+pub(crate) fn rule_config(advantage: AdvantageKind, trainable: &str) -> RlConfig {
     let mut cfg = RlConfig {
         reward: RewardSection {
             kind: RewardKind::Rule,
