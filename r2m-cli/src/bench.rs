@@ -60,9 +60,21 @@ pub struct BenchArgs {
     /// `rl-step`: the RL run config (with a learned reward model).
     #[arg(long)]
     config: Option<std::path::PathBuf>,
-    /// `rl-step`: RL steps of each of vanilla and R2M.
+    /// `rl-step`: RL steps of each method.
     #[arg(long, default_value_t = 3)]
     rl_steps: usize,
+    /// `rl-step`: the methods timed, alternating step by step on the same prompts (one alone
+    /// gives that arm's peak memory).
+    #[arg(long, value_delimiter = ',', default_value = "vanilla,r2m")]
+    methods: Vec<String>,
+    /// `rl-step`: override a key of `--config` (`--set model.trainable=lora --set lora.r=16`);
+    /// repeatable, as `r2m train --set`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// `train`: LoRA adapters of rank R on every projection (alpha = 2R) instead of trainable
+    /// weights, on the top `--train-top` blocks (all blocks without it).
+    #[arg(long, value_name = "R")]
+    lora: Option<usize>,
     /// `train`: only the top N blocks trainable (embeddings, LM head and lower blocks frozen, as
     /// `model.trainable = "top:N"`: the frozen part runs without autodiff).
     #[arg(long)]
@@ -196,7 +208,8 @@ impl BackendTask for BenchTask {
             let peak = peak_rss_mib();
             // Training FLOPs per token (PaLM appendix B): 6 x (non-embedding params + LM head)
             // + 12 x layers x hidden x seq for attention. Only meaningful with all layers trainable.
-            let train_flops = (*scenario == Scenario::Train && a.train_top.is_none()).then(|| {
+            let full = a.train_top.is_none() && a.lora.is_none();
+            let train_flops = (*scenario == Scenario::Train && full).then(|| {
                 let c = &model.config;
                 let p_body = (model.num_params() - c.vocab_size * c.hidden_size) as f64;
                 let p_head = (c.vocab_size * c.hidden_size) as f64;
@@ -206,11 +219,13 @@ impl BackendTask for BenchTask {
             });
             let mfu = train_flops.zip(a.peak_tflops).map(|(f, p)| f / (p * 1e12));
             let top = a.train_top.filter(|_| *scenario == Scenario::Train);
+            let lora = a.lora.filter(|_| *scenario == Scenario::Train);
             println!(
-                "r2m {name:<8} backend={backend} batch={}x{}{} {:.1} ms/iter {:.1} tokens/s{}{} peak_rss={:.0} MiB",
+                "r2m {name:<8} backend={backend} batch={}x{}{}{} {:.1} ms/iter {:.1} tokens/s{}{} peak_rss={:.0} MiB",
                 a.batch,
                 a.seq,
                 top.map(|n| format!(" top:{n}")).unwrap_or_default(),
+                lora.map(|r| format!(" lora r{r}")).unwrap_or_default(),
                 secs * 1e3,
                 tps,
                 train_flops.map(|f| format!(" {:.2} TFLOP/s", f / 1e12)).unwrap_or_default(),
@@ -232,7 +247,7 @@ impl BackendTask for BenchTask {
             println!(
                 "{}",
                 serde_json::json!({"impl": "r2m", "backend": backend, "scenario": name, "batch": a.batch,
-                    "seq": a.seq, "train_top": top, "ms_per_iter": secs * 1e3, "tokens_per_s": tps,
+                    "seq": a.seq, "train_top": top, "lora_r": lora, "ms_per_iter": secs * 1e3, "tokens_per_s": tps,
                     "tflops": train_flops.map(|f| f / 1e12), "mfu": mfu, "peak_rss_mib": peak,
                     "split_ms": split_ms})
             );
@@ -356,6 +371,19 @@ fn bench_train<B: Backend>(a: &BenchArgs, device: &B::Device) -> Result<TrainTim
         }
         None => 0,
     };
+    if let Some(r) = a.lora {
+        // Adapters on every projection of the same blocks; every base weight frozen.
+        let cfg = r2m_models::lora::LoraConfig {
+            r,
+            alpha: 2.0 * r as f64,
+            layers: match a.train_top {
+                Some(k) => r2m_models::lora::LoraLayers::Top(k),
+                None => r2m_models::lora::LoraLayers::All,
+            },
+            ..Default::default()
+        };
+        m = r2m_models::lora::add_adapters(m, &cfg)?;
+    }
     // The trainers' AdamW (one pass per tensor on flex), with burn's default weight decay.
     let mut optim = r2m_rl::optim::adamw::<Autodiff<B>, CausalLm<Autodiff<B>>>(1e-4);
     let vocab = m.config.vocab_size;
@@ -486,63 +514,89 @@ fn bench_generate<B: Backend>(model: &CausalLm<B>, a: &BenchArgs, backend: &str)
 /// Vanilla and R2M RL steps, alternating so that both see the same machine load.
 fn rl_step<B: Backend>(a: &BenchArgs, device: &B::Device, backend: &str) -> Result<()> {
     use r2m_rl::config::RmMethod;
-    use r2m_rl::{LearnedRm, PromptSampler, R2mReward, RlConfig, RlTrainer, StepMetrics};
+    use r2m_rl::{PromptSampler, RlConfig, RlTrainer, RolloutReward, StepMetrics};
     let path = a.config.as_ref().ok_or_else(|| {
         r2m_core::R2mError::Config(
             "rl-step needs --config RUN.toml (with a learned reward model)".into(),
         )
     })?;
-    let mut cfg = RlConfig::load(path)?;
-    // Every response runs to max_new_tokens (EOS masked until then) in both arms, so the two do
-    // the same generation and scoring work and the ratio measures R2M's, not the sampled lengths.
+    let mut cfg = RlConfig::load(path)?.with_overrides(&a.set)?;
+    // Every response runs to max_new_tokens (EOS masked until then) in every arm, so they do the
+    // same generation and scoring work and the ratio measures the methods, not sampled lengths.
     cfg.rollout.min_new_tokens = cfg.rollout.max_new_tokens;
-    let rm_dir = cfg.reward.model.clone().ok_or_else(|| {
-        r2m_core::R2mError::Config(format!("{}: rl-step needs reward.model", path.display()))
-    })?;
+    cfg.validate()?;
+    if cfg.reward.model.is_none() {
+        return Err(r2m_core::R2mError::Config(format!(
+            "{}: rl-step needs reward.model",
+            path.display()
+        )));
+    }
     let loaded = load_model::<Autodiff<B>>(&cfg.model.policy, device)?;
     let tok = loaded.tokenizer()?.clone();
-    let prompts = crate::train::read_rl_prompts(&cfg, &tok, &crate::progress::Terminal::new())?;
+    let term = crate::progress::Terminal::new();
+    let prompts = crate::train::read_rl_prompts(&cfg, &tok, &term)?;
     let d_p = loaded.model.config.hidden_size;
-    let mut vanilla_cfg = cfg.clone();
-    vanilla_cfg.r2m.method = RmMethod::Vanilla;
-    let mut r2m_cfg = cfg.clone();
-    r2m_cfg.r2m.method = RmMethod::R2m;
-    let budget = cfg.reward.token_budget;
-    let mut vanilla = RlTrainer::new(loaded.model.clone(), Some(tok.clone()), vanilla_cfg)?;
-    let mut r2m = RlTrainer::new(loaded.model, Some(tok), r2m_cfg.clone())?;
-    let mut rm_v = LearnedRm::<B>::load(&rm_dir, budget, device)?;
-    let mut rm_r = R2mReward::<Autodiff<B>>::new(
-        LearnedRm::<B>::load(&rm_dir, budget, device)?,
-        d_p,
-        r2m_cfg.r2m.clone(),
-    );
-    let head_params = {
-        use burn::module::Module;
-        rm_r.head.num_params()
-    };
+    struct Arm<B: burn::tensor::backend::AutodiffBackend> {
+        name: String,
+        trainer: RlTrainer<B>,
+        reward: Box<dyn RolloutReward<B::InnerBackend>>,
+        steps: Vec<StepMetrics>,
+    }
+    let mut arms = Vec::new();
+    for name in &a.methods {
+        let mut c = cfg.clone();
+        c.r2m.method = match name.as_str() {
+            "vanilla" => RmMethod::Vanilla,
+            "r2m" => RmMethod::R2m,
+            other => {
+                return Err(r2m_core::R2mError::Config(format!(
+                    "--methods: `{other}`, expected `vanilla` or `r2m`"
+                )))
+            }
+        };
+        let reward =
+            r2m_rl::r2m_reward::reward_from_config::<Autodiff<B>>(&c, d_p, false, device, &term)?;
+        let trainer = RlTrainer::new(loaded.model.clone(), Some(tok.clone()), c)?;
+        arms.push(Arm {
+            name: name.clone(),
+            trainer,
+            reward,
+            steps: Vec::new(),
+        });
+    }
+    drop(loaded);
     let mut sampler = PromptSampler::new(prompts.len(), cfg.run.seed);
-    let (mut mv, mut mr): (Vec<StepMetrics>, Vec<StepMetrics>) = (Vec::new(), Vec::new());
     for i in 0..a.rl_steps {
         let batch: Vec<_> = sampler
             .next_batch(cfg.rollout.prompts_per_step)
             .into_iter()
             .map(|j| prompts[j].clone())
             .collect();
-        let (v, _) = vanilla.step(batch.clone(), &mut rm_v)?;
-        let (r, _) = r2m.step(batch, &mut rm_r)?;
-        eprintln!(
-            "step {}: vanilla {:.1}s (len {:.1}), r2m {:.1}s (len {:.1}; reward {:.2}s, rm update {:.2}s)",
-            i + 1, v.time_step, v.response_len, r.time_step, r.response_len, r.time_reward, r.time_rm_update
-        );
-        mv.push(v);
-        mr.push(r);
+        let mut line = format!("step {}:", i + 1);
+        for arm in &mut arms {
+            let (m, _) = arm.trainer.step(batch.clone(), arm.reward.as_mut())?;
+            line += &format!(
+                " {} {:.1}s (generate {:.1}, log-probs {:.1}, reward {:.2}, update {:.1}, rm update {:.2})",
+                arm.name, m.time_step, m.time_generate, m.time_logprobs, m.time_reward,
+                m.time_update, m.time_rm_update
+            );
+            arm.steps.push(m);
+        }
+        eprintln!("{line}");
     }
     let mean = |m: &[StepMetrics], f: fn(&StepMetrics) -> f64| {
         m.iter().map(f).sum::<f64>() / m.len().max(1) as f64
     };
-    let row = |name: &str, m: &[StepMetrics]| {
-        serde_json::json!({
-            "method": name,
+    // The checkpoint each arm writes (what trains + AdamW state + R2M state), in MiB.
+    let tmp = std::env::temp_dir().join(format!("r2m-bench-ckpt-{}", std::process::id()));
+    let mut rows = serde_json::Map::new();
+    for arm in &arms {
+        let dir = tmp.join(&arm.name);
+        arm.trainer.save_checkpoint(&dir)?;
+        arm.reward.save_state(&dir.join("r2m"))?;
+        let ckpt_mib = dir_bytes(&dir) as f64 / (1024.0 * 1024.0);
+        let m = &arm.steps;
+        let row = serde_json::json!({
             "step_s": mean(m, |x| x.time_step),
             "generate_s": mean(m, |x| x.time_generate),
             "logprobs_s": mean(m, |x| x.time_logprobs),
@@ -550,28 +604,46 @@ fn rl_step<B: Backend>(a: &BenchArgs, device: &B::Device, backend: &str) -> Resu
             "update_s": mean(m, |x| x.time_update),
             "rm_update_s": mean(m, |x| x.time_rm_update),
             "response_len": mean(m, |x| x.response_len),
-        })
-    };
-    let (rv, rr) = (row("vanilla", &mv), row("r2m", &mr));
-    // R2M's own work: the extra reward time (fusion head) and the RM update.
-    let own = mean(&mr, |x| x.time_reward + x.time_rm_update) - mean(&mv, |x| x.time_reward);
-    let ratio = rr["step_s"].as_f64().unwrap_or(0.0) / rv["step_s"].as_f64().unwrap_or(1.0);
-    println!(
-        "r2m rl-step backend={backend} steps={} rows={}: vanilla {:.1}s/step, r2m {:.1}s/step, ratio {:.3}; R2M's own work {:.2}s/step ({:.1}%); head {:.2}M params",
-        a.rl_steps,
-        cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt,
-        rv["step_s"].as_f64().unwrap_or(0.0),
-        rr["step_s"].as_f64().unwrap_or(0.0),
-        ratio,
-        own,
-        100.0 * own / rv["step_s"].as_f64().unwrap_or(1.0),
-        head_params as f64 / 1e6
-    );
+            "checkpoint_mib": ckpt_mib,
+        });
+        println!(
+            "r2m rl-step backend={backend} trainable={} method={} steps={} rows={}: {:.2}s/step (generate {:.2}, log-probs {:.2}, reward {:.2}, update {:.2}, rm update {:.2}); checkpoint {:.1} MiB",
+            cfg.model.trainable, arm.name, a.rl_steps,
+            cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt,
+            row["step_s"].as_f64().unwrap_or(0.0), row["generate_s"].as_f64().unwrap_or(0.0),
+            row["logprobs_s"].as_f64().unwrap_or(0.0), row["reward_s"].as_f64().unwrap_or(0.0),
+            row["update_s"].as_f64().unwrap_or(0.0), row["rm_update_s"].as_f64().unwrap_or(0.0),
+            ckpt_mib
+        );
+        rows.insert(arm.name.clone(), row);
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    let step = |n: &str| rows.get(n).and_then(|r| r["step_s"].as_f64());
+    let ratio = step("r2m").zip(step("vanilla")).map(|(r, v)| r / v);
+    if let Some(r) = ratio {
+        println!("r2m / vanilla step time: {r:.3}");
+    }
+    let lora = (cfg.model.trainable == r2m_rl::Trainable::Lora)
+        .then(|| serde_json::json!({"r": cfg.lora.r, "layers": cfg.lora.layers.to_string()}));
     println!(
         "{}",
-        serde_json::json!({"impl": "r2m", "backend": backend, "scenario": "rl-step", "vanilla": rv,
-            "r2m": rr, "ratio": ratio, "r2m_own_s": own, "head_params": head_params,
-            "peak_rss_mib": peak_rss_mib()})
+        serde_json::json!({"impl": "r2m", "backend": backend, "scenario": "rl-step",
+            "trainable": cfg.model.trainable.to_string(), "lora": lora, "methods": rows,
+            "ratio": ratio, "peak_rss_mib": peak_rss_mib()})
     );
     Ok(())
+}
+
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+                    _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+                })
+                .sum()
+        })
+        .unwrap_or(0)
 }

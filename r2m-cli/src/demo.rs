@@ -18,12 +18,15 @@ pub struct DemoArgs {
     /// Run directory.
     #[arg(long, default_value = "runs/demo")]
     out: PathBuf,
-    /// RL steps.
-    #[arg(long, default_value_t = 6)]
-    steps: usize,
-    /// New tokens per response.
-    #[arg(long, default_value_t = 32)]
-    max_new_tokens: usize,
+    /// RL steps (default: the demo's 12).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// New tokens per response (default 40).
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// The policy's learning rate (LoRA adapters; default 2e-4).
+    #[arg(long)]
+    lr: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -36,41 +39,43 @@ impl BackendTask for DemoTask {
         eprintln!("backend: {backend}");
         B::seed(&device, a.seed);
         let t0 = Instant::now();
+        let d = DemoOptions::default();
         let opts = DemoOptions {
             out: a.out.clone(),
-            steps: a.steps,
-            max_new_tokens: a.max_new_tokens,
+            steps: a.steps.unwrap_or(d.steps),
+            max_new_tokens: a.max_new_tokens.unwrap_or(d.max_new_tokens),
+            lr: a.lr.unwrap_or(d.lr),
             seed: a.seed,
-            ..Default::default()
+            ..d
         };
         crate::fetch_if_default(&opts.policy)?;
         let interrupt = ctrl_c_flag();
         let s = run_demo::<Autodiff<B>>(&opts, &device, Some(&interrupt), &Terminal::new())?;
 
         println!();
-        match (&s.rm_eval_before, &s.rm_eval_after) {
-            (Some(b), Some(e)) => println!(
-                "reward model (BT head on frozen SmolLM2, {} held-out HH pairs): accuracy {:.1}% -> {:.1}% (±{:.1}), {:.0}s",
-                e.pairs,
-                100.0 * b.accuracy,
-                100.0 * e.accuracy,
-                100.0 * e.accuracy_ci95,
-                s.rm_seconds
-            ),
-            _ => println!("reward model: reused {}", s.rm_dir.display()),
-        }
+        let q = &s.proxy;
+        println!(
+            "proxy reward model (BT head on frozen SmolLM2, {} gold-labelled pairs): agrees with gold on {:.1}% of {} held-out pairs, 95% CI {:.1}% to {:.1}% ({:.0}s)",
+            q.train_pairs,
+            100.0 * q.agreement.mean,
+            q.agreement.n,
+            100.0 * q.agreement.ci95_low,
+            100.0 * q.agreement.ci95_high,
+            q.seconds
+        );
         // Only the summary table: an unreadable file leaves it empty.
         let metrics = read_step_metrics(&a.out.join("metrics.jsonl")).unwrap_or_default();
         if !metrics.is_empty() {
             println!(
-                "\n{:>4}  {:>8}  {:>7}  {:>6}  {:>7}  {:>6}  {:>6}",
-                "step", "reward", "KL", "length", "RM loss", "w(t)", "s/step"
+                "\n{:>4}  {:>8}  {:>6}  {:>7}  {:>6}  {:>7}  {:>6}  {:>6}",
+                "step", "proxy", "gold", "KL", "length", "RM loss", "w(t)", "s/step"
             );
             for m in &metrics {
                 println!(
-                    "{:>4}  {:>+8.4}  {:>7.4}  {:>6.1}  {:>7}  {:>6}  {:>6.1}",
+                    "{:>4}  {:>+8.4}  {:>+6.3}  {:>7.4}  {:>6.1}  {:>7}  {:>6}  {:>6.1}",
                     m.step,
                     m.reward_mean,
+                    m.diagnostics.get("gold_mean").unwrap_or(f64::NAN),
                     m.kl,
                     m.response_len,
                     (m.diagnostics.get("rm_loss"))
@@ -82,6 +87,25 @@ impl BackendTask for DemoTask {
                     m.time_step
                 );
             }
+        }
+        println!(
+            "\nheld-out prompts ({} prompts on 8 films nothing trained on; greedy; after - before, paired):",
+            s.before.len()
+        );
+        println!("  gold   {}", s.gold_change);
+        println!("  proxy  {}", s.proxy_change);
+        for (b, af) in s.before.iter().zip(&s.after).take(2) {
+            println!("\n  prompt: {}", b.prompt);
+            println!(
+                "    before (gold {:+.2}): {}",
+                b.gold,
+                one_line(&b.response)
+            );
+            println!(
+                "    after  (gold {:+.2}): {}",
+                af.gold,
+                one_line(&af.response)
+            );
         }
         println!();
         report_run(&s.run, &a.out);
@@ -98,13 +122,22 @@ impl BackendTask for DemoTask {
         if let Some(c) = &s.run.checkpoint {
             println!("  {}  (newest checkpoint)", c.display());
         }
-        if out.join("final").exists() {
+        println!(
+            "  {}  (held-out responses and scores, before and after)",
+            out.join("before_after.jsonl").display()
+        );
+        if out.join("adapter").exists() {
             println!(
-                "  {}  (final policy: `r2m generate --model {0} --chat --prompt ...`)",
-                out.join("final").display()
+                "  {}  (the LoRA adapter: `r2m generate --model smollm2 --adapter {0} --chat --prompt ...`)",
+                out.join("adapter").display()
             );
         }
         println!("demo took {:.0}s", t0.elapsed().as_secs_f64());
         Ok(())
     }
+}
+
+/// A response on one line (newlines shown as spaces).
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }

@@ -51,9 +51,12 @@ enum Command {
         /// `smollm2`, an HF checkpoint directory, or a .gguf file.
         #[arg(long, default_value = "smollm2")]
         model: String,
-        /// A PEFT LoRA adapter directory for the model: the export is the merged model.
-        #[arg(long, value_name = "DIR")]
+        /// A PEFT LoRA adapter directory for the model (e.g. `RUN/adapter`); needs `--merge`.
+        #[arg(long, value_name = "DIR", requires = "merge")]
         adapter: Option<PathBuf>,
+        /// Fold `--adapter` into the base weights: the export is one plain HF directory.
+        #[arg(long, requires = "adapter")]
+        merge: bool,
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
@@ -210,6 +213,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Export {
             model,
             adapter,
+            merge: _,
             out,
         } => dispatch(
             cli.device,

@@ -7,6 +7,7 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use r2m_core::{R2mError, Result};
 use r2m_data::{read_preferences, tokenize_pairs, train_eval_split, ReadOptions, TokenizedPair};
+use r2m_models::lora::{LoraConfig, LoraTarget};
 use r2m_models::{load_model, RewardModel, Tokenizer};
 use r2m_rl::reward::check_same_tokenizer;
 use r2m_rl::reward_training::summarize;
@@ -74,7 +75,14 @@ fn load_rm<B: Backend>(
     let is_rm = std::fs::read_to_string(&cfg)
         .map(|t| t.contains("ForSequenceClassification"))
         .unwrap_or(false);
-    if is_rm {
+    if r2m_models::reward::is_head_only_dir(dir) {
+        let base = RewardModel::<B>::head_only_base(dir)?;
+        crate::fetch_if_default(&base)?;
+        let loaded = load_model::<B>(&base, device)?;
+        let tok = loaded.tokenizer()?.clone();
+        eprintln!("loaded reward head {spec} on base {base}");
+        Ok((RewardModel::load_head_only(dir, loaded.model)?, tok))
+    } else if is_rm {
         let rm = RewardModel::load_hf_dir(dir, device)?;
         let tok = Tokenizer::from_hf_dir(dir)?;
         eprintln!("loaded reward model {spec}");
@@ -105,9 +113,24 @@ pub struct TrainRmArgs {
     /// Output directory: the final RM (HF layout), metrics.jsonl, eval.json, checkpoints.
     #[arg(long)]
     out: PathBuf,
-    /// What trains: `head`, `top:N` (top N blocks + final norm + head) or `all`.
+    /// What trains: `head`, `top:N` (top N blocks + final norm + head), `all`, or `lora`
+    /// (LoRA adapters as the `--lora-*` flags say, plus the head; the rest frozen).
     #[arg(long, default_value = "top:2")]
     trainable: Trainable,
+    /// `--trainable lora`: the adapters' rank r.
+    #[arg(long, default_value_t = 8)]
+    lora_r: usize,
+    /// `--trainable lora`: alpha (the update is scaled by alpha / r).
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+    /// `--trainable lora`: the projections that get adapters, comma-separated, of
+    /// `q,k,v,o,gate,up,down`.
+    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
+    lora_targets: Vec<String>,
+    /// `--trainable lora`: `all` or `top:N` (adapters on the top N blocks only; the frozen
+    /// trunk's features are computed once).
+    #[arg(long, default_value = "all")]
+    lora_layers: String,
     #[arg(long, default_value_t = 1)]
     epochs: usize,
     /// Peak learning rate.
@@ -141,6 +164,35 @@ pub struct TrainRmArgs {
 
 pub struct TrainRmTask(pub TrainRmArgs);
 
+/// The adapters of `--trainable lora`; errors name the flag.
+fn lora_config(a: &TrainRmArgs) -> Result<LoraConfig> {
+    let inner = |e: R2mError| match e {
+        R2mError::Config(m) => m,
+        e => e.to_string(),
+    };
+    let flag = |name: &str, e: R2mError| R2mError::Config(format!("{name}: {}", inner(e)));
+    let targets = a
+        .lora_targets
+        .iter()
+        .map(|t| t.trim().parse::<LoraTarget>())
+        .collect::<Result<Vec<_>>>()
+        .map_err(|e| flag("--lora-targets", e))?;
+    let cfg = LoraConfig {
+        r: a.lora_r,
+        alpha: a.lora_alpha,
+        targets,
+        layers: a
+            .lora_layers
+            .parse()
+            .map_err(|e| flag("--lora-layers", e))?,
+        seed: a.seed,
+        ..Default::default()
+    };
+    cfg.validate()
+        .map_err(|e| R2mError::Config(inner(e).replace("lora.", "--lora-")))?;
+    Ok(cfg)
+}
+
 impl BackendTask for TrainRmTask {
     fn run<B: Backend>(self, device: B::Device, backend: &str) -> Result<()> {
         let a = self.0;
@@ -158,6 +210,9 @@ impl BackendTask for TrainRmTask {
             seed: a.seed,
             eval_every: a.eval_every,
             save_every: a.save_every,
+            lora: (a.trainable == Trainable::Lora)
+                .then(|| lora_config(&a))
+                .transpose()?,
         };
         let (mut train, eval) = a.data.read()?;
         if let Some(n) = a.train_count {
@@ -191,6 +246,7 @@ impl BackendTask for TrainRmTask {
         let out = RmOutputs {
             dir: &a.out,
             tokenizer: Some(&tok),
+            head_only_base: None,
             observer: &term,
         };
         let (_, summary) = train_reward_model(rm, &train, &eval, &cfg, out)?;

@@ -4,6 +4,8 @@
 //! - [`overopt`]: `r2m experiment overopt`, reward over-optimization against a gold reward;
 //! - [`vader`]: VADER sentiment (a port of vaderSentiment 3.3.2), that experiment's gold reward;
 //! - [`gold`]: a gold reward that degenerate text cannot fool: VADER behind quality gates;
+//! - [`heldout`]: held-out prompts scored by proxy and gold (before/after, evaluation);
+//! - [`stats`]: t, Wilson and bootstrap intervals;
 //! - [`demo`]: `r2m demo`, the whole method on the real default model in minutes.
 //!
 //! Like the engine, nothing here prints: progress and messages go to an
@@ -11,5 +13,7 @@
 
 pub mod demo;
 pub mod gold;
+pub mod heldout;
 pub mod overopt;
+pub mod stats;
 pub mod vader;

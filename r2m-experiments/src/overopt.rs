@@ -49,7 +49,7 @@ use serde::{Deserialize, Serialize};
 
 use burn::tensor::Tensor;
 pub use r2m_rl::config::method_name;
-use r2m_rl::config::{RewardKind, RlConfig, RmMethod};
+use r2m_rl::config::{RewardKind, RlConfig, RmMethod, SaveFinal};
 use r2m_rl::plots::{line_chart, Chart, Series};
 use r2m_rl::r2m_reward::reward_from_config;
 use r2m_rl::reward::{Diagnostics, LearnedRm, RewardFn, RolloutReward, Scored};
@@ -240,7 +240,7 @@ pub fn run_dir(exp: &Path, method: RmMethod, seed: u64) -> PathBuf {
 // ---------------------------------------------------------------------------------------------
 
 /// Made-up film titles: the policy cannot know them, so its opinion is free text.
-const FILMS: [&str; 40] = [
+pub const FILMS: [&str; 40] = [
     "The Last Lighthouse",
     "Paper Moons",
     "A Winter in Lisbon",
@@ -290,16 +290,36 @@ const TEMPLATES: [&str; 4] = [
     "Describe the movie \"{}\" in a few sentences.",
 ];
 
+/// Films of the held-out evaluation prompts ([`eval_prompts`]): in neither the RM's pairs nor
+/// RL, so the evaluation measures the policy on prompts nothing was trained on.
+pub const EVAL_FILMS: [&str; 8] = [
+    "The Amber Staircase",
+    "Harbor of Small Gods",
+    "Tuesday's Comet",
+    "The Pale Cartwheel",
+    "Orchard of Mirrors",
+    "The Last Ferry to Skye",
+    "Dust on the Piano",
+    "The Kestrel Letters",
+];
+
+/// Every template for each of `films`, film by film.
+pub fn prompts_for(films: &[&str]) -> Vec<String> {
+    films
+        .iter()
+        .flat_map(|f| TEMPLATES.iter().map(move |t| t.replace("{}", f)))
+        .collect()
+}
+
 /// The RL prompts and the RM prompts: every template for each film, the films split in two
 /// (the first 24 for the RM's pairs, the other 16 for RL), so the proxy is tested on new films.
 pub fn film_prompts() -> (Vec<String>, Vec<String>) {
-    let render = |films: &[&str]| -> Vec<String> {
-        films
-            .iter()
-            .flat_map(|f| TEMPLATES.iter().map(move |t| t.replace("{}", f)))
-            .collect()
-    };
-    (render(&FILMS[24..]), render(&FILMS[..24]))
+    (prompts_for(&FILMS[24..]), prompts_for(&FILMS[..24]))
+}
+
+/// The held-out evaluation prompts: every template for each of [`EVAL_FILMS`] (32 prompts).
+pub fn eval_prompts() -> Vec<String> {
+    prompts_for(&EVAL_FILMS)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -420,7 +440,7 @@ pub fn apply_label_noise(pairs: &mut [GoldPair], p: f64, seed: u64) -> usize {
 }
 
 /// Write JSONL atomically (a temporary file renamed into place).
-fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
     let mut text = String::new();
     for r in rows {
         text.push_str(&serde_json::to_string(r).expect("json"));
@@ -713,7 +733,7 @@ pub fn run_config(
     c.run.seed = seed;
     c.run.out = run_dir(exp, method, seed);
     c.run.log_samples = 4;
-    c.run.save_final = false;
+    c.run.save_final = SaveFinal::No;
     c.run.checkpoint_every = 2;
     c.run.keep_checkpoints = 1;
     c.with_overrides(&cfg.set)
@@ -951,6 +971,7 @@ fn prepare_proxy_rm<B: AutodiffBackend>(
     let outputs = RmOutputs {
         dir: &rm_dir,
         tokenizer: Some(&tok),
+        head_only_base: None,
         observer,
     };
     let (rm, s) = train_reward_model(rm, &train, &eval, &rm_cfg, outputs)?;
@@ -986,7 +1007,7 @@ fn prepare_proxy_rm<B: AutodiffBackend>(
 
 /// [`Calibration`] of `rm` on the held-out pairs' responses (the initial policy's), scored
 /// exactly as the RL loop scores them.
-fn calibrate<B: Backend>(rm: &mut LearnedRm<B>, eval_pairs: &Path) -> Result<Calibration> {
+pub fn calibrate<B: Backend>(rm: &mut LearnedRm<B>, eval_pairs: &Path) -> Result<Calibration> {
     let golds = read_gold_pairs(eval_pairs)?;
     // A string prompt is one user message, as `read_preferences` reads it for training.
     let prompts: Vec<Prompt> = golds

@@ -162,6 +162,95 @@ impl<B: Backend> RewardModel<B> {
     }
 }
 
+/// The file that marks a head-only reward-model directory ([`RewardModel::save_head_only`]).
+pub const HEAD_ONLY_FILE: &str = "reward_head.json";
+
+/// Whether `dir` holds a head-only reward model.
+pub fn is_head_only_dir(dir: &Path) -> bool {
+    dir.join(HEAD_ONLY_FILE).exists()
+}
+
+impl<B: Backend> RewardModel<B> {
+    /// Save only the scoring head, for a reward model whose backbone is an unchanged base model
+    /// (`trainable = head`): `reward_head.json` (the base's spec, `smollm2` or a path, and the
+    /// sha256 of its weights), `score.safetensors` (`score.weight`, `[1, hidden]`) and the
+    /// tokenizer. A few KB instead of a copy of the base; [`RewardModel::load_head_only`] loads
+    /// it back onto the base.
+    pub fn save_head_only(
+        &self,
+        base: &str,
+        tokenizer: Option<&Tokenizer>,
+        dir: &Path,
+    ) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| R2mError::io(dir, e))?;
+        let meta = json!({
+            "format": "r2m reward head",
+            "base": base,
+            "base_sha256": self.backbone.weights_sha256(),
+            "hidden_size": self.backbone.config.hidden_size,
+        });
+        let path = dir.join(HEAD_ONLY_FILE);
+        std::fs::write(&path, serde_json::to_string_pretty(&meta).expect("json"))
+            .map_err(|e| R2mError::io(&path, e))?;
+        let score = RawTensor::from_tensor(self.score.weight.val()).transposed();
+        save_safetensors(
+            &dir.join("score.safetensors"),
+            &[("score.weight".into(), score)],
+        )?;
+        if let Some(t) = tokenizer {
+            t.save_hf(dir)?;
+        }
+        Ok(())
+    }
+
+    /// Load a directory [`RewardModel::save_head_only`] wrote onto `backbone`, which must be the
+    /// base it names (same weights sha256; the error says which differs).
+    pub fn load_head_only(dir: &Path, backbone: CausalLm<B>) -> Result<Self> {
+        let path = dir.join(HEAD_ONLY_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| R2mError::io(&path, e))?;
+        let meta: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| R2mError::format(&path, e.to_string()))?;
+        let field = |k: &str| meta[k].as_str().unwrap_or_default().to_string();
+        let (base, sha) = (field("base"), field("base_sha256"));
+        let here = backbone.weights_sha256();
+        if sha != here {
+            return Err(R2mError::format(
+                &path,
+                format!(
+                    "this head was trained on base `{base}` (weights sha256 {sha}), but the \
+                     backbone given has sha256 {here}: load it onto the same base"
+                ),
+            ));
+        }
+        let d = backbone.config.hidden_size;
+        let mut w = crate::weights::WeightMap::new(dir);
+        crate::weights::load_safetensors_file(&dir.join("score.safetensors"), &mut w)?;
+        let score = w.take_raw("score.weight", &[1, d])?;
+        let device = backbone.devices()[0].clone();
+        let score = Linear {
+            weight: Param::from_tensor(Tensor::from_data(
+                TensorData::new(score.data, [d, 1]),
+                &device,
+            )),
+            bias: None,
+            lora: None,
+        };
+        Ok(Self { backbone, score })
+    }
+
+    /// The base model a head-only directory names (`smollm2` or a path).
+    pub fn head_only_base(dir: &Path) -> Result<String> {
+        let path = dir.join(HEAD_ONLY_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| R2mError::io(&path, e))?;
+        let meta: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| R2mError::format(&path, e.to_string()))?;
+        meta["base"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| R2mError::format(&path, "no `base`"))
+    }
+}
+
 /// Index of each row's last real token.
 pub fn last_positions(padding: &Padding) -> Vec<usize> {
     padding

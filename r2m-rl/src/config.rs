@@ -445,6 +445,46 @@ impl Default for R2mConfig {
     }
 }
 
+/// `run.save_final`: `true`, `false` or `"adapter"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveFinal {
+    /// `true`: the policy as an HF directory `RUN/final/` (adapters merged).
+    Merged,
+    /// `"adapter"`: a LoRA run's PEFT adapter `RUN/adapter/` and no merged copy.
+    Adapter,
+    /// `false`: no final policy (a LoRA run still writes its small `RUN/adapter/`).
+    No,
+}
+
+impl Serialize for SaveFinal {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Self::Merged => s.serialize_bool(true),
+            Self::No => s.serialize_bool(false),
+            Self::Adapter => s.serialize_str("adapter"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SaveFinal {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(true) => Ok(Self::Merged),
+            Raw::Bool(false) => Ok(Self::No),
+            Raw::Str(s) if s == "adapter" => Ok(Self::Adapter),
+            Raw::Str(s) => Err(serde::de::Error::custom(format!(
+                "unknown variant `{s}`, expected `true`, `false` or `\"adapter\"`"
+            ))),
+        }
+    }
+}
+
 /// `[run]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -456,8 +496,10 @@ pub struct RunSection {
     pub out: PathBuf,
     /// Responses per step written to `samples.jsonl`.
     pub log_samples: usize,
-    /// Save the final policy as an HF directory `RUN/final/`.
-    pub save_final: bool,
+    /// What a finished run writes of the policy: `true`, the merged HF directory `RUN/final/`;
+    /// `"adapter"`, only the PEFT adapter `RUN/adapter/` (LoRA runs, which always write it);
+    /// `false`, neither beyond what LoRA always writes.
+    pub save_final: SaveFinal,
     /// Write a checkpoint (`RUN/checkpoints/step-NNNNNN/`) every N steps; 0 = only at the end
     /// (and on Ctrl-C). `r2m train --resume RUN` continues from the newest one.
     pub checkpoint_every: usize,
@@ -472,7 +514,7 @@ impl Default for RunSection {
             seed: 0,
             out: PathBuf::from("runs/rl"),
             log_samples: 2,
-            save_final: true,
+            save_final: SaveFinal::Merged,
             checkpoint_every: 5,
             keep_checkpoints: 2,
         }
@@ -695,6 +737,13 @@ impl RlConfig {
         }
         if self.model.adapter.is_some() && self.model.trainable != Trainable::Lora {
             return bad("model.adapter needs model.trainable = \"lora\"".into());
+        }
+        if self.run.save_final == SaveFinal::Adapter && self.model.trainable != Trainable::Lora {
+            return bad(
+                "run.save_final = \"adapter\" needs model.trainable = \"lora\" (only a LoRA run \
+                 has an adapter): use true or false"
+                    .into(),
+            );
         }
         if self.r2m.pretrain_trainable == Trainable::Lora {
             return bad(

@@ -498,6 +498,7 @@ fn pretrain_rm<B: AutodiffBackend>(
     let outputs = RmOutputs {
         dir: out,
         tokenizer: Some(&tok),
+        head_only_base: None,
         observer,
     };
     let (rm, summary) = train_reward_model(rm, &pairs, &[], &rm_cfg, outputs)?;

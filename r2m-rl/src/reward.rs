@@ -255,9 +255,16 @@ pub struct LearnedRm<B: Backend> {
 }
 
 impl<B: Backend> LearnedRm<B> {
-    /// Load an RM directory (HF sequence-classification layout, with its tokenizer if present).
+    /// Load an RM directory: HF sequence-classification layout, or a head-only directory
+    /// (loaded onto the base model it names), with its tokenizer if present.
     pub fn load(dir: &std::path::Path, token_budget: usize, device: &B::Device) -> Result<Self> {
-        let model = RewardModel::<B>::load_hf_dir(dir, device)?;
+        let model = if r2m_models::reward::is_head_only_dir(dir) {
+            let base = RewardModel::<B>::head_only_base(dir)?;
+            let backbone = r2m_models::load_model::<B>(&base, device)?.model;
+            RewardModel::load_head_only(dir, backbone)?
+        } else {
+            RewardModel::<B>::load_hf_dir(dir, device)?
+        };
         let tokenizer = if dir.join("tokenizer.json").exists() {
             Some(Tokenizer::from_hf_dir(dir)?)
         } else {

@@ -23,6 +23,7 @@ use r2m_core::{Observer, R2mError, Result};
 
 use crate::optim::AdamW;
 use r2m_data::{batches_by_tokens, length_grouped_order, TokenizedPair};
+use r2m_models::lora::{add_adapters, LoraConfig};
 use r2m_models::reward::gather_last;
 use r2m_models::{CausalLm, KvCache, Padding, RewardModel, Tokenizer};
 use serde::Serialize;
@@ -36,7 +37,8 @@ pub enum Trainable {
     Top(usize),
     /// Every parameter.
     All,
-    /// LoRA adapters on a frozen model (`[lora]`); policies only, for now.
+    /// LoRA adapters on a frozen model (`[lora]` for a policy; `--lora-*` for a reward model,
+    /// whose scoring head trains fully, as PEFT's `modules_to_save`).
     Lora,
 }
 
@@ -96,6 +98,27 @@ pub struct RmTrainConfig {
     pub eval_every: usize,
     /// Write a checkpoint every this many optimizer steps (0: only at the end).
     pub save_every: usize,
+    /// The adapters of `trainable = lora`.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_lora")]
+    pub lora: Option<LoraConfig>,
+}
+
+fn ser_lora<S: serde::Serializer>(
+    v: &Option<LoraConfig>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    let v = v.as_ref().map(|l| {
+        serde_json::json!({
+            "r": l.r,
+            "alpha": l.alpha,
+            "dropout": l.dropout,
+            "targets": l.targets.iter().map(|t| t.name()).collect::<Vec<_>>(),
+            "layers": l.layers.to_string(),
+            "rslora": l.rslora,
+            "seed": l.seed,
+        })
+    });
+    v.serialize(s)
 }
 
 fn ser_display<S: serde::Serializer, T: std::fmt::Display>(
@@ -120,6 +143,7 @@ impl Default for RmTrainConfig {
             seed: 0,
             eval_every: 0,
             save_every: 0,
+            lora: None,
         }
     }
 }
@@ -382,7 +406,7 @@ impl PairInputs<'_> {
 // ---------------------------------------------------------------------------------------------
 
 /// Held-out quality of a reward model on preference pairs.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct RmEval {
     pub pairs: usize,
     /// Share of pairs with `r(chosen) > r(rejected)`.
@@ -573,6 +597,9 @@ pub struct RmTrainSummary {
 pub struct RmOutputs<'a> {
     pub dir: &'a Path,
     pub tokenizer: Option<&'a Tokenizer>,
+    /// With `trainable = head`, write only the head and the identity of this base model (its
+    /// spec, e.g. `smollm2`): [`RewardModel::save_head_only`]. `None`: the whole RM in HF layout.
+    pub head_only_base: Option<&'a str>,
     /// Where progress and evaluation lines go.
     pub observer: &'a dyn Observer,
 }
@@ -704,7 +731,7 @@ fn fit<B: AutodiffBackend>(
 /// `train_config.json`, checkpoints `checkpoint-STEP/` every `save_every` steps and the final RM
 /// (HF sequence-classification layout) in the directory itself.
 pub fn train_reward_model<B: AutodiffBackend>(
-    model: RewardModel<B>,
+    mut model: RewardModel<B>,
     train: &[TokenizedPair],
     eval: &[TokenizedPair],
     cfg: &RmTrainConfig,
@@ -724,11 +751,14 @@ pub fn train_reward_model<B: AutodiffBackend>(
         Trainable::Top(k) => (n_layers - k, false),
         Trainable::All => (0, false),
         Trainable::Lora => {
-            return Err(R2mError::Config(
-                "--trainable lora is not yet supported for reward models: use `head`, `top:N` \
-                 or `all`"
-                    .into(),
-            ))
+            let lora = cfg.lora.as_ref().ok_or_else(|| {
+                R2mError::Config(
+                    "trainable = lora needs the adapters' settings (--lora-r ...)".into(),
+                )
+            })?;
+            // Adapters on the backbone, every base weight frozen; the head stays trainable.
+            model.backbone = add_adapters(model.backbone, lora)?;
+            (lora.layers.first_layer(n_layers)?, false)
         }
     };
     std::fs::create_dir_all(out.dir).map_err(|e| R2mError::io(out.dir, e))?;
@@ -749,7 +779,8 @@ pub fn train_reward_model<B: AutodiffBackend>(
             out.observer,
         )
     };
-    let all = cfg.trainable == Trainable::All;
+    // Everything runs from the tokens when the first trainable block is the first block.
+    let all = start_layer == 0;
     let train_feats = if all {
         Vec::new()
     } else {
@@ -790,7 +821,12 @@ pub fn train_reward_model<B: AutodiffBackend>(
     } else {
         last_eval
     };
-    model.valid().save_hf_dir(out.tokenizer, out.dir)?;
+    match out.head_only_base {
+        Some(base) if cfg.trainable == Trainable::Head => {
+            model.valid().save_head_only(base, out.tokenizer, out.dir)?
+        }
+        _ => model.valid().save_hf_dir(out.tokenizer, out.dir)?,
+    }
     let summary = RmTrainSummary {
         config: cfg.clone(),
         train_pairs: train.len(),

@@ -26,7 +26,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use r2m_core::{R2mError, Result};
 
-use crate::config::RlConfig;
+use crate::config::{RlConfig, SaveFinal};
 use crate::experience::Experience;
 use crate::metrics::StepMetrics;
 use crate::prompt::PromptSampler;
@@ -293,12 +293,12 @@ impl RunDir {
 
     /// A finished run's outputs: the reward's final state (`RUN/r2m/`), the policy's LoRA
     /// adapter in PEFT's format when it has one (`RUN/adapter/`, always: it is small) and, with
-    /// `save_final`, the policy as an HF directory (`RUN/final/`, adapters merged).
+    /// `save_final = true`, the policy as an HF directory (`RUN/final/`, adapters merged).
     pub fn write_final<B: AutodiffBackend>(
         &self,
         trainer: &RlTrainer<B>,
         reward: &dyn RolloutReward<Inner<B>>,
-        save_final: bool,
+        save_final: SaveFinal,
     ) -> Result<()> {
         reward.save_state(&self.path.join("r2m"))?;
         let policy = trainer.policy.valid();
@@ -306,7 +306,7 @@ impl RunDir {
             let base = &trainer.cfg.model.policy;
             r2m_models::lora::save_peft_adapter(&policy, &self.path.join("adapter"), base)?;
         }
-        if save_final {
+        if save_final == SaveFinal::Merged {
             r2m_models::save_hf_dir(
                 &policy,
                 trainer.tokenizer.as_ref(),

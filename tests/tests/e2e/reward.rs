@@ -197,6 +197,7 @@ fn train_tiny(
     let out = RmOutputs {
         dir: tmp.path(),
         tokenizer: None,
+        head_only_base: None,
         observer: &r2m_core::Silent,
     };
     let (rm, summary) =
@@ -270,6 +271,63 @@ fn head_only_training_moves_only_the_head() {
             &to_vec(rm.score.weight.val())
         ) > 1e-3
     );
+}
+
+#[test]
+fn lora_rm_training_moves_only_adapters_and_head_and_saves_merged() {
+    use r2m_models::lora::{LoraConfig, LoraLayers, LoraTarget};
+    let vocab = tiny_rm::<TB>(&device()).backbone.config.vocab_size as u32;
+    let pairs = random_pairs(16, vocab, 7);
+    for layers in [LoraLayers::Top(1), LoraLayers::All] {
+        let cfg = RmTrainConfig {
+            trainable: Trainable::Lora,
+            epochs: 40,
+            lr: 1e-2,
+            warmup_ratio: 0.0,
+            token_budget: 64,
+            lora: Some(LoraConfig {
+                r: 4,
+                alpha: 8.0,
+                targets: vec![LoraTarget::Q, LoraTarget::V, LoraTarget::Down],
+                layers,
+                ..Default::default()
+            }),
+            ..RmTrainConfig::default()
+        };
+        let (tmp, rm, s) = train_tiny(&pairs, &cfg);
+        let (before, after) = (s.eval_before.unwrap(), s.eval_after.unwrap());
+        assert!(
+            after.loss < before.loss - 0.05,
+            "{layers}: {before} -> {after}"
+        );
+        let rm = rm.valid();
+        let b = tiny_rm::<TB>(&device());
+        // The base weights and the final norm did not move; the adapters and the head did.
+        let base = |m: &RewardModel<TB>| to_vec(m.backbone.layers[1].mlp.down_proj.weight.val());
+        assert_eq!(base(&b), base(&rm), "{layers}");
+        assert_eq!(
+            to_vec(b.backbone.norm.weight.val()),
+            to_vec(rm.backbone.norm.weight.val())
+        );
+        let lora = rm.backbone.layers[1].mlp.down_proj.lora.as_ref().unwrap();
+        assert!(to_vec(lora.b.val()).iter().any(|x| x.abs() > 1e-4));
+        assert!(
+            max_abs_diff(
+                &to_vec(b.score.weight.val()),
+                &to_vec(rm.score.weight.val())
+            ) > 1e-3
+        );
+        // Lower blocks get adapters only with `all`.
+        let low = rm.backbone.layers[0].mlp.down_proj.lora.is_some();
+        assert_eq!(low, layers == LoraLayers::All);
+        // The saved directory is the merged RM: it scores what the adapted one scores.
+        let saved = RewardModel::<TB>::load_hf_dir(tmp.path(), &device()).unwrap();
+        let (c0, r0) = plain_rewards(&rm, &pairs);
+        let (c1, r1) = plain_rewards(&saved, &pairs);
+        assert!(max_abs_diff(&c0, &c1) < 1e-4 && max_abs_diff(&r0, &r1) < 1e-4);
+        let json = std::fs::read_to_string(tmp.path().join("train_config.json")).unwrap();
+        assert!(json.contains("\"r\": 4"), "{json}");
+    }
 }
 
 #[test]

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use burn::module::AutodiffModule;
 use r2m_core::R2mError;
-use r2m_models::load_hf_dir;
 use r2m_rl::advantage::AdvantageKind;
 use r2m_rl::config::{RewardKind, RewardSection, RmMethod};
 use r2m_rl::run::checkpoint_dir;
@@ -291,43 +290,73 @@ fn demo_runs_end_to_end_in_a_reduced_form() {
         prompts_per_step: 2,
         samples_per_prompt: 2,
         max_new_tokens: 6,
+        lora_r: 4,
+        eval_prompts: 3,
         ..Default::default()
     };
     let s = run_demo::<AB>(&opts, &device(), None, &r2m_core::Silent).unwrap();
     assert_eq!((s.run.steps, s.run.end), (2, RunEnd::Finished));
-    let after = s.rm_eval_after.expect("a fresh demo trains its RM");
-    assert_eq!(after.pairs, 4);
+    assert!(s.proxy.eval_after.is_some(), "a fresh demo trains its RM");
+    let a = s.proxy.agreement;
+    assert_eq!(a.n, 4);
+    assert!(a.ci95_low <= a.mean && a.mean <= a.ci95_high);
     let lines = metrics(&out);
     assert_eq!(lines.len(), 2);
     assert!(lines[1]["rm_loss"].as_f64().unwrap().is_finite());
+    // Gold is measured beside the proxy at every step.
+    assert!(lines[1]["gold_mean"].as_f64().unwrap().is_finite());
     for p in [
         "config.toml",
         "samples.jsonl",
-        "rm/config.json",
-        // top:2 trains: the checkpoint holds those blocks and the final norm, not the policy.
-        "checkpoints/step-000002/blocks.bin",
-        "checkpoints/step-000002/norm.bin",
+        "rm-pairs.jsonl",
+        "rm-eval-pairs.jsonl",
+        "rm/reward_head.json",
+        "rm/score.safetensors",
+        // LoRA trains: the checkpoint holds the adapters, not the policy.
+        "checkpoints/step-000002/adapters.bin",
         "r2m/r2m_head.bin",
-        "final/config.json",
-        "final/model.safetensors",
-        "final/tokenizer.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
         "plots/reward.png",
-        "plots/reward.svg",
         "plots/rm_loss.png",
     ] {
         assert!(out.join(p).exists(), "{p}");
     }
-    assert!(!out.join("checkpoints/step-000002/policy.bin").exists());
+    // Only what trained is written: no copy of the base for the RM, the policy or a checkpoint.
+    for p in [
+        "rm/model.safetensors",
+        "final",
+        "checkpoints/step-000002/policy.bin",
+    ] {
+        assert!(!out.join(p).exists(), "{p}");
+    }
+    // Before and after on the same held-out prompts, in the summary and in the file.
+    assert_eq!((s.before.len(), s.after.len(), s.gold_change.n), (3, 3, 3));
+    let rows = std::fs::read_to_string(out.join("before_after.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = rows
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0]["prompt"], s.before[0].prompt.as_str());
+    assert_eq!(rows[0]["after"]["gold"].as_f64().unwrap(), s.after[0].gold);
+    let mean_change = s
+        .after
+        .iter()
+        .zip(&s.before)
+        .map(|(a, b)| a.gold - b.gold)
+        .sum::<f64>()
+        / 3.0;
+    assert!((s.gold_change.mean - mean_change).abs() < 1e-12);
     let cfg = RlConfig::load(&out.join("config.toml")).unwrap();
     assert_eq!(cfg.r2m.method, RmMethod::R2m);
-    // The final policy loads back, with its tokenizer.
-    let loaded = load_hf_dir::<TB>(&out.join("final"), &device()).unwrap();
-    assert!(loaded.tokenizer.is_some());
     // A second demo in the same directory reuses the RM and starts the RL run over.
-    let s = run_demo::<AB>(&opts, &device(), None, &r2m_core::Silent).unwrap();
-    assert!(s.rm_eval_after.is_none());
-    assert_eq!((s.run.steps, s.run.resumed_from), (2, None));
+    let s2 = run_demo::<AB>(&opts, &device(), None, &r2m_core::Silent).unwrap();
+    assert_eq!(s2.proxy.agreement, s.proxy.agreement);
+    assert_eq!((s2.run.steps, s2.run.resumed_from), (2, None));
     assert_eq!(metrics(&out).len(), 2);
+    // The greedy "before" responses come from the same initial policy both times.
+    assert_eq!(s2.before, s.before);
 }
 
 /// A reward of `scale` times the row's index within its group of `k` (rows alternate sign).
