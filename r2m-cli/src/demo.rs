@@ -68,7 +68,7 @@ impl BackendTask for DemoTask {
         if !metrics.is_empty() {
             println!(
                 "\n{:>4}  {:>8}  {:>6}  {:>7}  {:>6}  {:>7}  {:>6}  {:>6}",
-                "step", "proxy", "gold", "KL", "length", "RM loss", "w(t)", "s/step"
+                "step", "reward", "gold", "KL", "length", "RM loss", "w(t)", "s/step"
             );
             for m in &metrics {
                 println!(

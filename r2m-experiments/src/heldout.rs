@@ -2,12 +2,16 @@
 //! policy's responses to them, scored by the proxy reward model and by the gold reward.
 //!
 //! The demo scores greedy responses before the first RL step and after the last, and reports
-//! the paired difference per prompt ([`crate::stats::paired`]).
+//! the paired difference per prompt ([`crate::stats::paired`]). The over-optimization
+//! experiment samples responses every few RL steps ([`evaluate_policy`], `RUN/heldout.jsonl`)
+//! and reads gold, proxy and KL on them rather than on the training batch.
 
-use burn::tensor::backend::Backend;
-use r2m_core::Result;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use r2m_core::{R2mError, Result};
 use r2m_models::{generate, CausalLm, ChatMessage, GenerationConfig, Tokenizer};
-use r2m_rl::{LearnedRm, Prompt, RewardFn, RewardInput};
+use r2m_rl::{LearnedRm, Prompt, RewardFn, RewardInput, RlTrainer};
 use serde::{Deserialize, Serialize};
 
 use crate::gold::GoldConfig;
@@ -91,4 +95,138 @@ impl<B: Backend> HeldOutEval<'_, B> {
             })
             .collect())
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// During RL: the experiment's held-out curve
+// ---------------------------------------------------------------------------------------------
+
+/// One held-out evaluation of the policy during RL (a line of `RUN/heldout.jsonl`): `k`
+/// responses to each held-out prompt, sampled as the training rollouts are (same temperature
+/// and length), each with its gold, the fixed proxy's score and its sequence KL to the reference
+/// (`sum_t log pi(y_t) - log pi_ref(y_t)`). Row `i * k + j` is sample `j` of prompt `i`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldOutStep {
+    pub step: usize,
+    pub k: usize,
+    pub gold: Vec<f64>,
+    pub proxy: Vec<f64>,
+    pub kl: Vec<f64>,
+}
+
+impl HeldOutStep {
+    /// Prompts evaluated.
+    pub fn prompts(&self) -> usize {
+        self.gold.len() / self.k.max(1)
+    }
+
+    /// Mean of `v` over the samples of the prompts `idx`.
+    pub fn mean_over(&self, v: &[f64], idx: &[usize]) -> f64 {
+        let k = self.k.max(1);
+        let sum: f64 = idx.iter().flat_map(|&i| &v[i * k..(i + 1) * k]).sum();
+        sum / (idx.len() * k).max(1) as f64
+    }
+
+    pub fn gold_mean(&self) -> f64 {
+        mean(&self.gold)
+    }
+
+    pub fn proxy_mean(&self) -> f64 {
+        mean(&self.proxy)
+    }
+
+    /// `sqrt` of the mean sequence KL (0 when the estimate is negative).
+    pub fn sqrt_kl(&self) -> f64 {
+        mean(&self.kl).max(0.0).sqrt()
+    }
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// Evaluate `trainer`'s current policy on the held-out `prompts` (see [`HeldOutStep`]); the
+/// samples are drawn with `seed` (the same for every method at a given step, so methods are
+/// compared on common random numbers).
+pub fn evaluate_policy<B: AutodiffBackend>(
+    trainer: &RlTrainer<B>,
+    prompts: &[Prompt],
+    proxy: &mut LearnedRm<B::InnerBackend>,
+    gold: (GoldKind, &GoldConfig),
+    seed: u64,
+) -> Result<HeldOutStep> {
+    let (exp, _) = trainer.rollout(prompts.to_vec(), seed)?;
+    let scores = proxy.score(&exp.reward_inputs())?;
+    let golds = crate::overopt::gold_scores(&exp, gold.0, gold.1);
+    let kl = exp
+        .old_logprobs
+        .iter()
+        .zip(&exp.ref_logprobs)
+        .map(|(o, r)| o.iter().zip(r).map(|(a, b)| (a - b) as f64).sum())
+        .collect();
+    Ok(HeldOutStep {
+        step: trainer.step,
+        k: exp.k,
+        gold: golds,
+        proxy: scores.into_iter().map(f64::from).collect(),
+        kl,
+    })
+}
+
+/// `RUN/heldout.jsonl`: one [`HeldOutStep`] a line.
+pub struct HeldOutLog {
+    path: PathBuf,
+}
+
+impl HeldOutLog {
+    /// Open the log, dropping lines past `resumed_step` (written after the checkpoint a resumed
+    /// run continues from, so they will be written again).
+    pub fn open(path: &Path, resumed_step: usize) -> Result<Self> {
+        let kept: Vec<HeldOutStep> = read_heldout(path)?
+            .into_iter()
+            .filter(|s| s.step <= resumed_step)
+            .collect();
+        let mut text = String::new();
+        for s in &kept {
+            text.push_str(&serde_json::to_string(s).expect("json"));
+            text.push('\n');
+        }
+        std::fs::write(path, text).map_err(|e| R2mError::io(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Whether the log holds step `step`.
+    pub fn has(&self, step: usize) -> Result<bool> {
+        Ok(read_heldout(&self.path)?.iter().any(|s| s.step == step))
+    }
+
+    /// Append one evaluation (flushed).
+    pub fn append(&self, s: &HeldOutStep) -> Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&self.path)
+            .map_err(|e| R2mError::io(&self.path, e))?;
+        writeln!(f, "{}", serde_json::to_string(s).expect("json"))
+            .and_then(|_| f.flush())
+            .map_err(|e| R2mError::io(&self.path, e))
+    }
+}
+
+/// The evaluations in `path` (none when it does not exist).
+pub fn read_heldout(path: &Path) -> Result<Vec<HeldOutStep>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| R2mError::io(path, e))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| R2mError::format(path, format!("line {}: {e}", i + 1)))
+        })
+        .collect()
 }

@@ -6,6 +6,7 @@
 //! - [`gold`]: a gold reward that degenerate text cannot fool: VADER behind quality gates;
 //! - [`heldout`]: held-out prompts scored by proxy and gold (before/after, evaluation);
 //! - [`stats`]: t, Wilson and bootstrap intervals;
+//! - [`verdict`]: the experiment's verdict from the held-out curves (`report.json`'s keys);
 //! - [`demo`]: `r2m demo`, the whole method on the real default model in minutes.
 //!
 //! Like the engine, nothing here prints: progress and messages go to an
@@ -16,4 +17,5 @@ pub mod gold;
 pub mod heldout;
 pub mod overopt;
 pub mod stats;
+pub mod verdict;
 pub mod vader;

@@ -58,6 +58,11 @@ use r2m_rl::run::{list_checkpoints, read_step_metrics, train_with, RunControl, R
 use r2m_rl::{load_prompts, Experience, Prompt, RewardInput, RlTrainer, StepMetrics, Trainable};
 
 use crate::gold::{film_of, GoldConfig};
+use crate::heldout::{evaluate_policy, HeldOutLog};
+
+/// The seed of the held-out samples at step t is `EVAL_SEED ^ t`: the same for every method and
+/// run seed, so held-out curves compare on common random numbers.
+const EVAL_SEED: u64 = 0x4e1d_0e7a;
 use crate::vader;
 
 // ---------------------------------------------------------------------------------------------
@@ -112,6 +117,11 @@ pub struct OveroptConfig {
     pub gold: GoldKind,
     /// The quality gold's gates and thresholds (with `gold = "quality"`).
     pub gold_gates: GoldConfig,
+    /// Evaluate on the held-out prompts ([`eval_prompts`]) before the first step, every this
+    /// many steps and after the last (`RUN/heldout.jsonl`); 0: never.
+    pub eval_every: usize,
+    /// Held-out prompts evaluated (at most 32), `samples_per_prompt` samples each.
+    pub eval_prompts: usize,
     /// Overrides of every run's config (`section.key=value`, as `r2m train --set`).
     pub set: Vec<String>,
 }
@@ -142,6 +152,8 @@ impl Default for OveroptConfig {
             data_seed: 0,
             gold: GoldKind::Vader,
             gold_gates: GoldConfig::default(),
+            eval_every: 4,
+            eval_prompts: 32,
             set: Vec::new(),
         }
     }
@@ -195,6 +207,8 @@ impl OveroptConfig {
             rm_trainable: Trainable::Head,
             rm_epochs: 2,
             rm_lr: 3e-3,
+            eval_every: 1,
+            eval_prompts: 2,
             ..Self::default()
         }
     }
@@ -815,6 +829,8 @@ pub fn run_experiment<B: AutodiffBackend>(
     };
     write_jsonl(&exp.join("prompts-rl.jsonl"), &prompt_rows(&rl_prompts))?;
     write_jsonl(&exp.join("prompts-rm.jsonl"), &prompt_rows(&rm_prompts))?;
+    let held_out: Vec<String> = eval_prompts().into_iter().take(cfg.eval_prompts).collect();
+    write_jsonl(&exp.join("prompts-eval.jsonl"), &prompt_rows(&held_out))?;
 
     // 2. Gold-labelled pairs from the initial policy and the proxy RM.
     let proxy_rm = prepare_proxy_rm::<B>(cfg, exp, &rl_prompts, &rm_prompts, device, ctl.observer)?;
@@ -1090,7 +1106,43 @@ fn one_run<B: AutodiffBackend>(
     };
     let mut reward = GoldTracked::new(inner, calibration, cfg.min_gold_gap)
         .with_gold(cfg.gold, cfg.gold_gates.clone());
-    let mut trainer = RlTrainer::new(loaded.model, Some(tok), rc)?;
+    let max_prompt_len = rc.data.max_prompt_len;
+    let steps = rc.run.steps;
+    let mut trainer = RlTrainer::new(loaded.model, Some(tok.clone()), rc)?;
+
+    // The held-out curve: before the first step, every `eval_every` steps and after the last,
+    // scored by the fixed proxy (not the run's own, possibly adapted, reward).
+    let mut held_out = None;
+    if cfg.eval_every > 0 {
+        let opts = ReadOptions::default();
+        let path = exp.join("prompts-eval.jsonl");
+        let prompts = load_prompts(&path, opts, max_prompt_len, &tok, &SILENT)?;
+        let proxy_rm = LearnedRm::<B::InnerBackend>::load(&exp.join("proxy-rm"), 4096, device)?;
+        let newest = list_checkpoints(&dir)?.last().cloned();
+        std::fs::create_dir_all(&dir).map_err(|e| R2mError::io(&dir, e))?;
+        let log = HeldOutLog::open(&dir.join("heldout.jsonl"), newest.as_ref().map_or(0, |c| c.0))?;
+        held_out = Some((prompts, proxy_rm, log));
+    }
+    let due = |step: usize| cfg.eval_every > 0 && (step % cfg.eval_every == 0 || step == steps);
+    let mut evaluate = |t: &RlTrainer<B>| -> Result<()> {
+        let Some((prompts, proxy_rm, log)) = held_out.as_mut() else {
+            return Ok(());
+        };
+        if !due(t.step) || log.has(t.step)? {
+            return Ok(());
+        }
+        let gold = (cfg.gold, &cfg.gold_gates);
+        let s = evaluate_policy(t, prompts, proxy_rm, gold, EVAL_SEED ^ t.step as u64)?;
+        log.append(&s)
+    };
+    // Step 0, or the step a resumed run continues from when its evaluation was lost.
+    if let Some((step, ck)) = list_checkpoints(&dir)?.last().cloned().filter(|_| resume) {
+        if due(step) {
+            trainer.load_checkpoint(&ck)?;
+        }
+    }
+    evaluate(&trainer)?;
+    let mut hook = |_: &StepMetrics, t: &RlTrainer<B>| evaluate(t);
     let s = train_with(
         &mut trainer,
         &prompts,
@@ -1100,7 +1152,7 @@ fn one_run<B: AutodiffBackend>(
             resume,
             interrupt: ctl.interrupt,
             observer: ctl.observer,
-            ..Default::default()
+            after_step: Some(&mut hook),
         },
     )?;
     if s.end != RunEnd::Interrupted {
@@ -1282,6 +1334,10 @@ pub struct Report {
     pub plots: Vec<PathBuf>,
     /// `report.md`.
     pub markdown: String,
+    /// The verdict from the held-out curves (`vanilla_overoptimized`, `methods`,
+    /// `paired_vs_vanilla` at the top level of `report.json`), when the runs evaluated.
+    #[serde(flatten)]
+    pub held_out: Option<crate::verdict::Verdict>,
 }
 
 /// Read every finished run of `cfg` in `exp`, write `report.md`, `report.json` and the plots.
@@ -1365,6 +1421,7 @@ pub fn report(exp: &Path, cfg: &OveroptConfig) -> Result<Report> {
         runs,
         plots,
         markdown: String::new(),
+        held_out: crate::verdict::verdict(exp, cfg)?,
     };
     rep.markdown = markdown(cfg, &rep, proxy.as_ref());
     write_atomic(&exp.join("report.md"), &rep.markdown)?;
@@ -1473,7 +1530,74 @@ fn markdown(cfg: &OveroptConfig, rep: &Report, proxy: Option<&ProxyRmInfo>) -> S
             }
         }
     }
+    if let Some(v) = &rep.held_out {
+        held_out_markdown(&mut s, v);
+    }
     s
+}
+
+/// The held-out section of `report.md` (see [`crate::verdict`]).
+fn held_out_markdown(s: &mut String, v: &crate::verdict::Verdict) {
+    use std::fmt::Write;
+    let ci = |i: &crate::stats::Interval| {
+        format!("{:+.3} [{:+.3}, {:+.3}]", i.mean, i.ci95_low, i.ci95_high)
+    };
+    let _ = writeln!(
+        s,
+        "
+## On held-out prompts
+
+Gold of samples on the held-out prompts (films nothing trains on),          evaluated every few steps. Mean over seeds [95% t-interval]. Matched sqrt(KL): {}.
+",
+        v.matched_sqrt_kl.iter().map(|k| format!("{k:.3}")).collect::<Vec<_>>().join(", ")
+    );
+    let _ = writeln!(s, "| method | seeds | gold peak | gold final | gold @ KL 1 | gold @ KL 2 | gold @ KL 3 |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    for (name, m) in &v.methods {
+        let at: Vec<String> = m.gold_at_matched_kl.iter().map(ci).collect();
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {} | {} | {} |",
+            m.runs.len(),
+            ci(&m.gold_peak),
+            ci(&m.gold_final),
+            at.join(" | ")
+        );
+    }
+    let _ = writeln!(s, "
+Per run (peak chosen on the even prompts, measured on the odd; drop = peak − final with a paired bootstrap interval over the odd prompts):
+");
+    for (name, m) in &v.methods {
+        for r in &m.runs {
+            let _ = writeln!(
+                s,
+                "- {name} seed {}: peak at step {} (sqrt KL {:.2}), gold {:+.3} → final {:+.3}, drop {} → {}",
+                r.seed,
+                r.peak_step,
+                r.peak_sqrt_kl,
+                r.gold_peak,
+                r.gold_final_half,
+                ci(&r.drop),
+                if r.overoptimized { "over-optimized" } else { "no significant fall" }
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "
+**vanilla_overoptimized: {}** (every vanilla run's drop above 0).",
+        v.vanilla_overoptimized
+    );
+    for (name, d) in &v.paired_vs_vanilla {
+        let _ = writeln!(
+            s,
+            "
+**{name} − vanilla, gold at sqrt(KL) = {:.3}, paired by seed: {}** (n = {}).",
+            v.matched_sqrt_kl.get(1).copied().unwrap_or(f64::NAN),
+            ci(d),
+            d.n
+        );
+    }
 }
 
 /// A difference over seeds in words: beyond one standard deviation or not.

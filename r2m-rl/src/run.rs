@@ -25,20 +25,21 @@ type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
 /// How a run is driven: where it writes, whether it resumes, how it can be stopped, who hears
 /// of its progress.
-pub struct RunControl<'a> {
+pub struct RunControl<'a, B: AutodiffBackend> {
     /// The run directory; `None` trains without writing anything.
     pub out: Option<&'a Path>,
     /// Continue from the newest checkpoint in `out` (which must hold one).
     pub resume: bool,
     /// Set (by a Ctrl-C handler) to stop after the current step, with a checkpoint.
     pub interrupt: Option<&'a AtomicBool>,
-    /// Called after each step, once its metrics and checkpoint are on disk.
-    pub after_step: Option<&'a mut dyn FnMut(&StepMetrics)>,
+    /// Called after each step, once its metrics and checkpoint are on disk, with the trainer
+    /// (e.g. to evaluate the policy on held-out prompts); an error stops the run.
+    pub after_step: Option<&'a mut dyn FnMut(&StepMetrics, &RlTrainer<B>) -> Result<()>>,
     /// Hears of the run's progress: a task of `run.steps` units, one per step.
     pub observer: &'a dyn Observer,
 }
 
-impl Default for RunControl<'_> {
+impl<B: AutodiffBackend> Default for RunControl<'_, B> {
     fn default() -> Self {
         Self {
             out: None,
@@ -117,7 +118,7 @@ pub fn train_with<B: AutodiffBackend>(
     trainer: &mut RlTrainer<B>,
     prompts: &[Prompt],
     reward: &mut dyn RolloutReward<Inner<B>>,
-    mut ctl: RunControl<'_>,
+    mut ctl: RunControl<'_, B>,
 ) -> Result<RlSummary> {
     if prompts.is_empty() {
         return Err(R2mError::Config("no prompts".into()));
@@ -163,7 +164,10 @@ pub fn train_with<B: AutodiffBackend>(
         }
         obs.advance(1, &step_status(&m));
         if let Some(f) = ctl.after_step.as_mut() {
-            f(&m);
+            if let Err(e) = f(&m, trainer) {
+                obs.end();
+                return Err(e);
+            }
         }
         summary.first.get_or_insert_with(|| m.clone());
         summary.last = Some(m);
@@ -199,7 +203,7 @@ enum Opened {
 fn open_run<B: AutodiffBackend>(
     trainer: &mut RlTrainer<B>,
     reward: &mut dyn RolloutReward<Inner<B>>,
-    ctl: &RunControl<'_>,
+    ctl: &RunControl<'_, B>,
     sampler: &mut PromptSampler,
     summary: &mut RlSummary,
 ) -> Result<Option<Opened>> {

@@ -94,6 +94,18 @@ fn overopt_reduced_runs_every_method_resumes_and_reports() {
             RmMethod::R2m | RmMethod::R2mNoise | RmMethod::IterativeHead
         );
         assert_eq!(rows[1]["rm_loss"].as_f64().is_some(), trains, "{m:?}");
+        // The held-out curve: before the first step and after each (eval_every = 1), every
+        // sample scored by gold and the fixed proxy, with its KL to the reference. The
+        // interrupted run lost nothing and repeated nothing.
+        let held = r2m_experiments::heldout::read_heldout(&dir.join("heldout.jsonl")).unwrap();
+        let steps: Vec<usize> = held.iter().map(|h| h.step).collect();
+        assert_eq!(steps, [0, 1, 2], "{m:?}");
+        for h in &held {
+            let n = cfg.eval_prompts * cfg.samples_per_prompt;
+            assert_eq!((h.k, h.gold.len(), h.proxy.len(), h.kl.len()), (2, n, n, n));
+            assert!(h.kl.iter().chain(&h.proxy).all(|x| x.is_finite()));
+        }
+        assert!(held[0].kl.iter().all(|k| k.abs() < 1e-3), "the initial policy is the reference");
     }
     assert!(run_dir(&exp, RmMethod::PretrainedRm, 0)
         .join("pretrained-rm/config.json")
@@ -125,6 +137,16 @@ fn overopt_reduced_runs_every_method_resumes_and_reports() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(exp.join("report.json")).unwrap()).unwrap();
     assert_eq!(json["rows"].as_array().unwrap().len(), ALL_METHODS.len());
+    // The verdict's fixed keys.
+    assert!(json["vanilla_overoptimized"].is_boolean(), "{json}");
+    let v = &json["methods"]["vanilla"];
+    for key in ["gold_peak", "gold_final"] {
+        // One seed: the t-interval is unbounded (null in JSON).
+        assert!(v[key]["mean"].is_number() && v[key].get("ci95_low").is_some(), "{key}: {v}");
+    }
+    assert_eq!(v["gold_at_matched_kl"].as_array().unwrap().len(), 3);
+    assert!(json["paired_vs_vanilla"]["r2m"]["mean"].is_number(), "{json}");
+    assert!(md.contains("vanilla_overoptimized"), "{md}");
 
     // 3. Again: everything is found finished; other settings in the same directory are refused.
     let s = run_quietly(&cfg).unwrap();

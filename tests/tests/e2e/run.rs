@@ -46,7 +46,7 @@ fn run<'a>(
     dir: &'a Path,
     resume: bool,
     interrupt: Option<&'a AtomicBool>,
-    after_step: Option<&'a mut dyn FnMut(&StepMetrics)>,
+    after_step: Option<&'a mut dyn FnMut(&StepMetrics, &RlTrainer<AB>) -> r2m_core::Result<()>>,
 ) -> r2m_core::Result<RlSummary> {
     let cfg = config();
     let mut reward = tiny_r2m(&cfg);
@@ -91,10 +91,11 @@ fn read(p: &Path) -> Vec<u8> {
 #[ignore = "run by resume_after_sigkill_reproduces_the_uninterrupted_run"]
 fn resume_child() {
     let dir = std::env::var(CHILD_ENV).expect("started by the parent test");
-    let mut hook = |m: &StepMetrics| {
+    let mut hook = |m: &StepMetrics, _: &RlTrainer<AB>| {
         if m.step == 3 {
             std::thread::sleep(Duration::from_secs(600));
         }
+        Ok(())
     };
     run(Path::new(&dir), false, None, Some(&mut hook)).unwrap();
 }
@@ -156,10 +157,11 @@ fn resume_after_sigkill_reproduces_the_uninterrupted_run() {
 
     // Interrupted (as Ctrl-C does) after step 2, then resumed.
     let flag = AtomicBool::new(false);
-    let mut hook = |m: &StepMetrics| {
+    let mut hook = |m: &StepMetrics, _: &RlTrainer<AB>| {
         if m.step == 2 {
             flag.store(true, Ordering::SeqCst);
         }
+        Ok(())
     };
     let s = run(&stopped, false, Some(&flag), Some(&mut hook)).unwrap();
     assert_eq!((s.steps, s.end), (2, RunEnd::Interrupted));

@@ -1,0 +1,252 @@
+//! The over-optimization experiment's verdict, from the held-out curves (`RUN/heldout.jsonl`,
+//! [`crate::heldout`]) rather than the training batches.
+//!
+//! - **Did vanilla over-optimize?** In each run, the peak step is chosen on one half of the
+//!   held-out prompts (even indices) and measured on the other half (odd), so that noise does not
+//!   make the peak. The drop is gold at that step minus gold at the last evaluation, on the odd
+//!   half, with a paired bootstrap 95% interval over those prompts. A run over-optimized when the
+//!   interval lies above 0; `vanilla_overoptimized` needs every vanilla run to.
+//! - **Per method**: peak gold (measured as above), final gold (all prompts) and gold at three
+//!   matched sqrt(KL) levels (25%, 50%, 75% of the smallest maximum any run reached), each as a
+//!   mean over seeds with a Student-t 95% interval.
+//! - **Paired by seed**: each method's gold at the middle matched KL minus vanilla's, same seed.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use r2m_core::Result;
+use r2m_rl::config::{method_name, RmMethod};
+use serde::{Deserialize, Serialize};
+
+use crate::heldout::{read_heldout, HeldOutStep};
+use crate::overopt::{run_dir, OveroptConfig};
+use crate::stats::{bootstrap, t_interval, Interval};
+
+/// One run's held-out verdict.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunVerdict {
+    pub seed: u64,
+    /// The step whose gold was highest on the even-index prompts.
+    pub peak_step: usize,
+    pub peak_sqrt_kl: f64,
+    /// Gold at the peak step and at the last evaluation, on the odd-index prompts.
+    pub gold_peak: f64,
+    pub gold_final_half: f64,
+    /// `gold_peak - gold_final_half` with its paired bootstrap interval over the odd prompts.
+    pub drop: Interval,
+    pub overoptimized: bool,
+    /// Gold over all prompts at the last evaluation, and at each matched sqrt(KL).
+    pub gold_final: f64,
+    pub gold_at_matched_kl: Vec<f64>,
+    /// Proxy (raw score of the fixed proxy) at the last evaluation, and sqrt(KL) there.
+    pub proxy_final: f64,
+    pub sqrt_kl_final: f64,
+}
+
+/// One method over its seeds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MethodVerdict {
+    pub gold_peak: Interval,
+    pub gold_final: Interval,
+    pub gold_at_matched_kl: Vec<Interval>,
+    pub runs: Vec<RunVerdict>,
+}
+
+/// `report.json`'s verdict keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Verdict {
+    pub vanilla_overoptimized: bool,
+    /// The three sqrt(KL) levels gold is compared at.
+    pub matched_sqrt_kl: Vec<f64>,
+    pub methods: BTreeMap<String, MethodVerdict>,
+    /// Gold at the middle matched sqrt(KL), method minus vanilla, paired by seed.
+    pub paired_vs_vanilla: BTreeMap<String, Interval>,
+}
+
+/// Gold (mean over all prompts) at `level` of sqrt(KL), linearly interpolated along the
+/// evaluations where sqrt(KL) first reaches it; `None` if it never does.
+pub fn gold_at_sqrt_kl(points: &[HeldOutStep], level: f64) -> Option<f64> {
+    let xy: Vec<(f64, f64)> = points.iter().map(|p| (p.sqrt_kl(), p.gold_mean())).collect();
+    if xy.first().is_some_and(|&(x, _)| x >= level) {
+        return Some(xy[0].1);
+    }
+    xy.windows(2).find_map(|w| {
+        let ((x0, y0), (x1, y1)) = (w[0], w[1]);
+        (x0 < level && x1 >= level).then(|| y0 + (y1 - y0) * (level - x0) / (x1 - x0))
+    })
+}
+
+/// The verdict of one run's evaluations (at least two).
+pub fn run_verdict(seed: u64, points: &[HeldOutStep], levels: &[f64]) -> RunVerdict {
+    let n = points[0].prompts();
+    let even: Vec<usize> = (0..n).step_by(2).collect();
+    let odd: Vec<usize> = (1..n).step_by(2).collect();
+    let peak = points
+        .iter()
+        .max_by(|a, b| {
+            a.mean_over(&a.gold, &even)
+                .total_cmp(&b.mean_over(&b.gold, &even))
+        })
+        .expect("points");
+    let last = points.last().expect("points");
+    // Per odd prompt: gold at the peak minus gold at the end (each the mean of its k samples).
+    let per_prompt: Vec<f64> = odd
+        .iter()
+        .map(|&i| peak.mean_over(&peak.gold, &[i]) - last.mean_over(&last.gold, &[i]))
+        .collect();
+    let drop = bootstrap(per_prompt.len(), 2000, seed ^ 0xb007, |idx| {
+        idx.iter().map(|&i| per_prompt[i]).sum::<f64>() / idx.len().max(1) as f64
+    });
+    RunVerdict {
+        seed,
+        peak_step: peak.step,
+        peak_sqrt_kl: peak.sqrt_kl(),
+        gold_peak: peak.mean_over(&peak.gold, &odd),
+        gold_final_half: last.mean_over(&last.gold, &odd),
+        overoptimized: drop.ci95_low > 0.0,
+        drop,
+        gold_final: last.gold_mean(),
+        gold_at_matched_kl: levels
+            .iter()
+            .map(|&l| gold_at_sqrt_kl(points, l).unwrap_or(f64::NAN))
+            .collect(),
+        proxy_final: last.proxy_mean(),
+        sqrt_kl_final: last.sqrt_kl(),
+    }
+}
+
+/// The verdict of an experiment's finished runs with held-out evaluations; `None` when no run
+/// has two evaluations.
+pub fn verdict(exp: &Path, cfg: &OveroptConfig) -> Result<Option<Verdict>> {
+    let mut runs: Vec<(RmMethod, u64, Vec<HeldOutStep>)> = Vec::new();
+    for &m in &cfg.methods {
+        for &s in &cfg.seeds {
+            let dir = run_dir(exp, m, s);
+            let points = read_heldout(&dir.join("heldout.jsonl"))?;
+            if dir.join("done.json").exists() && points.len() >= 2 {
+                runs.push((m, s, points));
+            }
+        }
+    }
+    if runs.is_empty() {
+        return Ok(None);
+    }
+    let reach = runs
+        .iter()
+        .map(|(_, _, p)| p.iter().map(HeldOutStep::sqrt_kl).fold(0.0, f64::max))
+        .fold(f64::INFINITY, f64::min);
+    let levels: Vec<f64> = [0.25, 0.5, 0.75].iter().map(|f| f * reach).collect();
+    let mut methods = BTreeMap::new();
+    let mut per_run: BTreeMap<(String, u64), RunVerdict> = BTreeMap::new();
+    for &m in &cfg.methods {
+        let rv: Vec<RunVerdict> = runs
+            .iter()
+            .filter(|(rm, _, _)| *rm == m)
+            .map(|(_, s, p)| run_verdict(*s, p, &levels))
+            .collect();
+        if rv.is_empty() {
+            continue;
+        }
+        let over = |f: &dyn Fn(&RunVerdict) -> f64| t_interval(&rv.iter().map(f).collect::<Vec<_>>());
+        let mv = MethodVerdict {
+            gold_peak: over(&|r| r.gold_peak),
+            gold_final: over(&|r| r.gold_final),
+            gold_at_matched_kl: (0..levels.len())
+                .map(|i| over(&|r| r.gold_at_matched_kl[i]))
+                .collect(),
+            runs: rv.clone(),
+        };
+        for r in rv {
+            per_run.insert((method_name(m).to_string(), r.seed), r);
+        }
+        methods.insert(method_name(m).to_string(), mv);
+    }
+    let vanilla_overoptimized = methods
+        .get("vanilla")
+        .is_some_and(|v| !v.runs.is_empty() && v.runs.iter().all(|r| r.overoptimized));
+    let mut paired_vs_vanilla = BTreeMap::new();
+    for name in methods.keys().filter(|n| *n != "vanilla") {
+        let d: Vec<f64> = per_run
+            .iter()
+            .filter(|((n, _), _)| n == name)
+            .filter_map(|((_, seed), r)| {
+                let v = per_run.get(&("vanilla".to_string(), *seed))?;
+                Some(r.gold_at_matched_kl[1] - v.gold_at_matched_kl[1])
+            })
+            .collect();
+        if !d.is_empty() {
+            paired_vs_vanilla.insert(name.clone(), t_interval(&d));
+        }
+    }
+    Ok(Some(Verdict {
+        vanilla_overoptimized,
+        matched_sqrt_kl: levels,
+        methods,
+        paired_vs_vanilla,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An evaluation at `step` with `kl` for every sample and gold `g(prompt)` for each of 2
+    /// samples of 8 prompts.
+    fn point(step: usize, kl: f64, g: impl Fn(usize) -> f64) -> HeldOutStep {
+        let gold: Vec<f64> = (0..16).map(|r| g(r / 2) + if r % 2 == 0 { 0.01 } else { -0.01 }).collect();
+        HeldOutStep {
+            step,
+            k: 2,
+            proxy: gold.clone(),
+            kl: vec![kl; 16],
+            gold,
+        }
+    }
+
+    #[test]
+    fn a_rise_and_fall_is_over_optimization_and_a_rise_is_not() {
+        // Gold rises to step 4, then falls well below its peak on every prompt.
+        let rise_fall = [
+            point(0, 0.0, |i| 0.1 * i as f64),
+            point(4, 1.0, |i| 1.0 + 0.1 * i as f64),
+            point(8, 4.0, |i| -1.0 + 0.1 * i as f64),
+        ];
+        let v = run_verdict(0, &rise_fall, &[0.5, 1.0, 1.5]);
+        assert_eq!(v.peak_step, 4);
+        assert!(v.overoptimized && (v.drop.mean - 2.0).abs() < 1e-9, "{v:?}");
+        // sqrt(KL) 0.5 lies halfway between steps 0 and 4 (sqrt KL 0 and 1).
+        let mean_at = |p: &HeldOutStep| p.gold_mean();
+        let want = 0.5 * (mean_at(&rise_fall[0]) + mean_at(&rise_fall[1]));
+        assert!((v.gold_at_matched_kl[0] - want).abs() < 1e-9);
+        assert!((v.gold_at_matched_kl[1] - mean_at(&rise_fall[1])).abs() < 1e-9);
+        // Gold that keeps rising peaks at the end: no drop.
+        let rising = [
+            point(0, 0.0, |i| 0.1 * i as f64),
+            point(4, 1.0, |i| 0.5 + 0.1 * i as f64),
+            point(8, 4.0, |i| 1.0 + 0.1 * i as f64),
+        ];
+        let v = run_verdict(0, &rising, &[0.5, 1.0, 1.5]);
+        assert_eq!(v.peak_step, 8);
+        assert!(!v.overoptimized && v.drop.mean.abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_peak_is_chosen_on_the_even_prompts_and_measured_on_the_odd() {
+        // At step 4 only the even prompts are high: the odd half sees no peak there.
+        let points = [
+            point(0, 0.0, |_| 0.0),
+            point(4, 1.0, |i| if i % 2 == 0 { 2.0 } else { 0.0 }),
+            point(8, 2.0, |_| 0.0),
+        ];
+        let v = run_verdict(0, &points, &[0.5, 1.0, 1.5]);
+        assert_eq!(v.peak_step, 4);
+        assert!(v.gold_peak.abs() < 1e-9 && !v.overoptimized, "{v:?}");
+    }
+
+    #[test]
+    fn gold_at_a_kl_never_reached_is_none() {
+        let points = [point(0, 0.0, |_| 0.0), point(4, 1.0, |_| 1.0)];
+        assert_eq!(gold_at_sqrt_kl(&points, 2.0), None);
+        assert_eq!(gold_at_sqrt_kl(&points, 0.0), Some(points[0].gold_mean()));
+    }
+}
