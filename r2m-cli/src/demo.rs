@@ -24,7 +24,7 @@ pub struct DemoArgs {
     /// New tokens per response (default 40).
     #[arg(long)]
     max_new_tokens: Option<usize>,
-    /// The policy's learning rate (LoRA adapters; default 2e-4).
+    /// The policy's learning rate (LoRA adapters; default 5e-5).
     #[arg(long)]
     lr: Option<f64>,
     #[arg(long, default_value_t = 0)]

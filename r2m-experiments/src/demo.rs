@@ -85,7 +85,7 @@ impl Default for DemoOptions {
             prompts_per_step: 4,
             samples_per_prompt: 4,
             max_new_tokens: 40,
-            lr: 2e-4,
+            lr: 5e-5,
             lora_r: 16,
             eval_prompts: 32,
             seed: 0,

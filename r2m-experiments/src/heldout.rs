@@ -226,7 +226,8 @@ pub fn read_heldout(path: &Path) -> Result<Vec<HeldOutStep>> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| R2mError::format(path, format!("line {}: {e}", i + 1)))
+            serde_json::from_str(l)
+                .map_err(|e| R2mError::format(path, format!("line {}: {e}", i + 1)))
         })
         .collect()
 }

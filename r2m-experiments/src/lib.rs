@@ -17,5 +17,5 @@ pub mod gold;
 pub mod heldout;
 pub mod overopt;
 pub mod stats;
-pub mod verdict;
 pub mod vader;
+pub mod verdict;

@@ -1120,10 +1120,14 @@ fn one_run<B: AutodiffBackend>(
         let proxy_rm = LearnedRm::<B::InnerBackend>::load(&exp.join("proxy-rm"), 4096, device)?;
         let newest = list_checkpoints(&dir)?.last().cloned();
         std::fs::create_dir_all(&dir).map_err(|e| R2mError::io(&dir, e))?;
-        let log = HeldOutLog::open(&dir.join("heldout.jsonl"), newest.as_ref().map_or(0, |c| c.0))?;
+        let log = HeldOutLog::open(
+            &dir.join("heldout.jsonl"),
+            newest.as_ref().map_or(0, |c| c.0),
+        )?;
         held_out = Some((prompts, proxy_rm, log));
     }
-    let due = |step: usize| cfg.eval_every > 0 && (step % cfg.eval_every == 0 || step == steps);
+    let due =
+        |step: usize| cfg.eval_every > 0 && (step.is_multiple_of(cfg.eval_every) || step == steps);
     let mut evaluate = |t: &RlTrainer<B>| -> Result<()> {
         let Some((prompts, proxy_rm, log)) = held_out.as_mut() else {
             return Ok(());
@@ -1551,7 +1555,10 @@ Gold of samples on the held-out prompts (films nothing trains on),          eval
 ",
         v.matched_sqrt_kl.iter().map(|k| format!("{k:.3}")).collect::<Vec<_>>().join(", ")
     );
-    let _ = writeln!(s, "| method | seeds | gold peak | gold final | gold @ KL 1 | gold @ KL 2 | gold @ KL 3 |");
+    let _ = writeln!(
+        s,
+        "| method | seeds | gold peak | gold final | gold @ KL 1 | gold @ KL 2 | gold @ KL 3 |"
+    );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|");
     for (name, m) in &v.methods {
         let at: Vec<String> = m.gold_at_matched_kl.iter().map(ci).collect();

@@ -66,7 +66,10 @@ pub struct Verdict {
 /// Gold (mean over all prompts) at `level` of sqrt(KL), linearly interpolated along the
 /// evaluations where sqrt(KL) first reaches it; `None` if it never does.
 pub fn gold_at_sqrt_kl(points: &[HeldOutStep], level: f64) -> Option<f64> {
-    let xy: Vec<(f64, f64)> = points.iter().map(|p| (p.sqrt_kl(), p.gold_mean())).collect();
+    let xy: Vec<(f64, f64)> = points
+        .iter()
+        .map(|p| (p.sqrt_kl(), p.gold_mean()))
+        .collect();
     if xy.first().is_some_and(|&(x, _)| x >= level) {
         return Some(xy[0].1);
     }
@@ -147,7 +150,8 @@ pub fn verdict(exp: &Path, cfg: &OveroptConfig) -> Result<Option<Verdict>> {
         if rv.is_empty() {
             continue;
         }
-        let over = |f: &dyn Fn(&RunVerdict) -> f64| t_interval(&rv.iter().map(f).collect::<Vec<_>>());
+        let over =
+            |f: &dyn Fn(&RunVerdict) -> f64| t_interval(&rv.iter().map(f).collect::<Vec<_>>());
         let mv = MethodVerdict {
             gold_peak: over(&|r| r.gold_peak),
             gold_final: over(&|r| r.gold_final),
@@ -193,7 +197,9 @@ mod tests {
     /// An evaluation at `step` with `kl` for every sample and gold `g(prompt)` for each of 2
     /// samples of 8 prompts.
     fn point(step: usize, kl: f64, g: impl Fn(usize) -> f64) -> HeldOutStep {
-        let gold: Vec<f64> = (0..16).map(|r| g(r / 2) + if r % 2 == 0 { 0.01 } else { -0.01 }).collect();
+        let gold: Vec<f64> = (0..16)
+            .map(|r| g(r / 2) + if r % 2 == 0 { 0.01 } else { -0.01 })
+            .collect();
         HeldOutStep {
             step,
             k: 2,

@@ -23,6 +23,9 @@ use crate::trainer::RlTrainer;
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
+/// The per-step hook of [`RunControl`]: the step's metrics and the trainer after the step.
+pub type AfterStep<'a, B> = dyn FnMut(&StepMetrics, &RlTrainer<B>) -> Result<()> + 'a;
+
 /// How a run is driven: where it writes, whether it resumes, how it can be stopped, who hears
 /// of its progress.
 pub struct RunControl<'a, B: AutodiffBackend> {
@@ -34,7 +37,7 @@ pub struct RunControl<'a, B: AutodiffBackend> {
     pub interrupt: Option<&'a AtomicBool>,
     /// Called after each step, once its metrics and checkpoint are on disk, with the trainer
     /// (e.g. to evaluate the policy on held-out prompts); an error stops the run.
-    pub after_step: Option<&'a mut dyn FnMut(&StepMetrics, &RlTrainer<B>) -> Result<()>>,
+    pub after_step: Option<&'a mut AfterStep<'a, B>>,
     /// Hears of the run's progress: a task of `run.steps` units, one per step.
     pub observer: &'a dyn Observer,
 }

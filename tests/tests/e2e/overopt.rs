@@ -105,7 +105,10 @@ fn overopt_reduced_runs_every_method_resumes_and_reports() {
             assert_eq!((h.k, h.gold.len(), h.proxy.len(), h.kl.len()), (2, n, n, n));
             assert!(h.kl.iter().chain(&h.proxy).all(|x| x.is_finite()));
         }
-        assert!(held[0].kl.iter().all(|k| k.abs() < 1e-3), "the initial policy is the reference");
+        assert!(
+            held[0].kl.iter().all(|k| k.abs() < 1e-3),
+            "the initial policy is the reference"
+        );
     }
     assert!(run_dir(&exp, RmMethod::PretrainedRm, 0)
         .join("pretrained-rm/config.json")
@@ -142,10 +145,16 @@ fn overopt_reduced_runs_every_method_resumes_and_reports() {
     let v = &json["methods"]["vanilla"];
     for key in ["gold_peak", "gold_final"] {
         // One seed: the t-interval is unbounded (null in JSON).
-        assert!(v[key]["mean"].is_number() && v[key].get("ci95_low").is_some(), "{key}: {v}");
+        assert!(
+            v[key]["mean"].is_number() && v[key].get("ci95_low").is_some(),
+            "{key}: {v}"
+        );
     }
     assert_eq!(v["gold_at_matched_kl"].as_array().unwrap().len(), 3);
-    assert!(json["paired_vs_vanilla"]["r2m"]["mean"].is_number(), "{json}");
+    assert!(
+        json["paired_vs_vanilla"]["r2m"]["mean"].is_number(),
+        "{json}"
+    );
     assert!(md.contains("vanilla_overoptimized"), "{md}");
 
     // 3. Again: everything is found finished; other settings in the same directory are refused.

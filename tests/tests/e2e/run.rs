@@ -46,7 +46,7 @@ fn run<'a>(
     dir: &'a Path,
     resume: bool,
     interrupt: Option<&'a AtomicBool>,
-    after_step: Option<&'a mut dyn FnMut(&StepMetrics, &RlTrainer<AB>) -> r2m_core::Result<()>>,
+    after_step: Option<&'a mut r2m_rl::run::AfterStep<'a, AB>>,
 ) -> r2m_core::Result<RlSummary> {
     let cfg = config();
     let mut reward = tiny_r2m(&cfg);
