@@ -9,7 +9,7 @@ set -euo pipefail
 root=${1:-runs/regime}
 r2m=${R2M:-target/release/r2m}
 mkdir -p "$root"
-# name | overrides of configs/overopt-regime.toml (r2m experiment overopt flags)
+# name | overrides of configs/overopt/regime.toml (r2m experiment overopt flags)
 settings=(
   "A-top4-lr1e-4-kl0|"
   "B-lora-all-lr2e-4-kl0|--set model.trainable=lora --set lora.r=16 --set lora.alpha=32 --set optim.lr=2e-4 --steps 24"
@@ -29,7 +29,7 @@ for s in "${settings[@]}"; do
     "$r2m" experiment overopt --resume "$exp"
   else
     # shellcheck disable=SC2086
-    "$r2m" experiment overopt --config configs/overopt-regime.toml --out "$exp" $flags
+    "$r2m" experiment overopt --config configs/overopt/regime.toml --out "$exp" $flags
   fi
   first=${first:-$exp}
   echo "== $name: finished $(date -u +%FT%TZ)"

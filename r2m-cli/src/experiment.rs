@@ -6,7 +6,9 @@ use std::time::Instant;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use r2m_core::{R2mError, Result};
-use r2m_experiments::overopt::{report, run_experiment, ExperimentControl, OveroptConfig};
+use r2m_experiments::overopt::{
+    report, run_experiment, ExperimentControl, GoldKind, OveroptConfig,
+};
 use r2m_rl::config::RmMethod;
 
 use crate::backends::BackendTask;
@@ -51,6 +53,15 @@ pub struct OveroptArgs {
     /// Share of the proxy's training labels flipped.
     #[arg(long, conflicts_with = "resume")]
     label_noise: Option<f64>,
+    /// The gold reward: `vader`, `quality` (VADER behind quality gates) or `command:CMD`, your
+    /// own judge (one persistent child process: a JSON line `{"prompt", "response"}` in, a
+    /// number out, as `[reward] kind = "command"`).
+    #[arg(
+        long,
+        value_name = "vader|quality|command:CMD",
+        conflicts_with = "resume"
+    )]
+    gold: Option<String>,
     /// Override a key of every run's RL config, e.g. `--set optim.lr=1e-5`.
     #[arg(long, value_name = "SECTION.KEY=VALUE", conflicts_with = "resume")]
     set: Vec<String>,
@@ -101,6 +112,19 @@ impl OveroptArgs {
         }
         if let Some(p) = self.label_noise {
             c.label_noise = p;
+        }
+        match self.gold.as_deref() {
+            None => {}
+            Some("vader") => c.gold = GoldKind::Vader,
+            Some("quality") => c.gold = GoldKind::Quality,
+            Some(g) => match g.strip_prefix("command:").map(str::trim) {
+                Some(cmd) if !cmd.is_empty() => c.gold_command = Some(cmd.to_string()),
+                _ => {
+                    return Err(R2mError::Config(format!(
+                        "--gold: `{g}`, expected `vader`, `quality` or `command:CMD`"
+                    )))
+                }
+            },
         }
         c.set.extend(self.set.iter().cloned());
         Ok((c, self.out.clone()))

@@ -44,8 +44,8 @@ use r2m_rl::{load_prompts, LearnedRm, R2mReward, RlTrainer};
 use crate::gold::GoldConfig;
 use crate::heldout::{HeldOut, HeldOutEval};
 use crate::overopt::{
-    calibrate, eval_prompts, prompts_for, sample_gold_pairs, write_jsonl, Calibration, GoldKind,
-    GoldTracked, FILMS,
+    calibrate, eval_prompts, prompts_for, sample_gold_pairs, write_jsonl, Calibration, Gold,
+    GoldKind, GoldTracked, FILMS,
 };
 use crate::stats::{paired, wilson, Interval};
 
@@ -201,14 +201,14 @@ pub fn run_demo<B: AutodiffBackend>(
     let rm_budget = 4096;
     let mut fixed_proxy = LearnedRm::<B::InnerBackend>::load(&rm_dir, rm_budget, device)?;
     let held_out: Vec<String> = eval_prompts().into_iter().take(o.eval_prompts).collect();
+    let mut eval_gold = Gold::Builtin(GoldKind::Quality, gates.clone());
     let mut eval = HeldOutEval {
         tokenizer: &tok,
         proxy: &mut fixed_proxy,
         max_new_tokens: o.max_new_tokens,
         temperature: 0.0,
         seed: o.seed,
-        gold: GoldKind::Quality,
-        gates: &gates,
+        gold: &mut eval_gold,
     };
     say(format!(
         "[3/4] before RL: greedy responses to {} held-out prompts (8 films nothing trains on)",
@@ -231,7 +231,7 @@ pub fn run_demo<B: AutodiffBackend>(
     let d_p = loaded.model.config.hidden_size;
     let r2m = R2mReward::<B>::new(rm, d_p, cfg.r2m.clone());
     let mut reward = GoldTracked::new(Box::new(r2m), proxy.calibration, 0.1)
-        .with_gold(GoldKind::Quality, gates.clone());
+        .with_gold(Gold::Builtin(GoldKind::Quality, gates.clone()));
     let mut trainer = RlTrainer::new(loaded.model, Some(tok.clone()), cfg)?;
     // A crashed or interrupted demo continues; a finished one starts over (reusing the RM).
     let last = r2m_rl::run::list_checkpoints(&o.out)?
@@ -312,7 +312,8 @@ fn prepare_proxy<B: AutodiffBackend>(
         o.rm_train_pairs, o.rm_eval_pairs
     ));
     let inner = policy.valid();
-    let sample = |prompts: &[String], n: usize, seed: u64| {
+    let mut gold = Gold::Builtin(GoldKind::Quality, gates.clone());
+    let mut sample = |prompts: &[String], n: usize, seed: u64| {
         sample_gold_pairs(
             &inner,
             tok,
@@ -322,7 +323,7 @@ fn prepare_proxy<B: AutodiffBackend>(
             1.0,
             0.1,
             seed,
-            (GoldKind::Quality, gates),
+            &mut gold,
             observer,
         )
     };

@@ -14,8 +14,7 @@ use r2m_models::{generate, CausalLm, ChatMessage, GenerationConfig, Tokenizer};
 use r2m_rl::{LearnedRm, Prompt, RewardFn, RewardInput, RlTrainer};
 use serde::{Deserialize, Serialize};
 
-use crate::gold::GoldConfig;
-use crate::overopt::{gold_of, GoldKind};
+use crate::overopt::Gold;
 
 /// One held-out prompt's response and its scores.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,8 +36,7 @@ pub struct HeldOutEval<'a, B: Backend> {
     /// 0: greedy. Otherwise sampled with `seed`.
     pub temperature: f64,
     pub seed: u64,
-    pub gold: GoldKind,
-    pub gates: &'a GoldConfig,
+    pub gold: &'a mut Gold,
 }
 
 impl<B: Backend> HeldOutEval<'_, B> {
@@ -83,12 +81,19 @@ impl<B: Backend> HeldOutEval<'_, B> {
             })
             .collect();
         let proxy = self.proxy.score(&inputs)?;
+        let items: Vec<(&str, &str)> = prompts
+            .iter()
+            .zip(&texts)
+            .map(|(p, t)| (p.as_str(), t.as_str()))
+            .collect();
+        let gold = self.gold.score(&items)?;
         Ok(prompts
             .iter()
             .zip(texts)
             .zip(proxy)
-            .map(|((p, response), s)| HeldOut {
-                gold: gold_of(self.gold, self.gates, p, &response),
+            .zip(gold)
+            .map(|(((p, response), s), gold)| HeldOut {
+                gold,
                 prompt: p.clone(),
                 response,
                 proxy: s as f64,
@@ -152,12 +157,12 @@ pub fn evaluate_policy<B: AutodiffBackend>(
     trainer: &RlTrainer<B>,
     prompts: &[Prompt],
     proxy: &mut LearnedRm<B::InnerBackend>,
-    gold: (GoldKind, &GoldConfig),
+    gold: &mut Gold,
     seed: u64,
 ) -> Result<HeldOutStep> {
     let (exp, _) = trainer.rollout(prompts.to_vec(), seed)?;
     let scores = proxy.score(&exp.reward_inputs())?;
-    let golds = crate::overopt::gold_scores(&exp, gold.0, gold.1);
+    let golds = crate::overopt::gold_scores(&exp, gold)?;
     let kl = exp
         .old_logprobs
         .iter()

@@ -4,6 +4,7 @@
 //! - [`overopt`]: `r2m experiment overopt`, reward over-optimization against a gold reward;
 //! - [`vader`]: VADER sentiment (a port of vaderSentiment 3.3.2), that experiment's gold reward;
 //! - [`gold`]: a gold reward that degenerate text cannot fool: VADER behind quality gates;
+//! - [`oracle`]: the experiment's upper bound, a proxy head retrained on gold-labelled pairs;
 //! - [`heldout`]: held-out prompts scored by proxy and gold (before/after, evaluation);
 //! - [`stats`]: t, Wilson and bootstrap intervals;
 //! - [`verdict`]: the experiment's verdict from the held-out curves (`report.json`'s keys);
@@ -15,6 +16,7 @@
 pub mod demo;
 pub mod gold;
 pub mod heldout;
+pub mod oracle;
 pub mod overopt;
 pub mod stats;
 pub mod vader;

@@ -35,6 +35,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -48,6 +49,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use burn::tensor::Tensor;
+use r2m_rl::command::CommandReward;
 pub use r2m_rl::config::method_name;
 use r2m_rl::config::{RewardKind, RlConfig, RmMethod, SaveFinal};
 use r2m_rl::plots::{line_chart, Chart, Series};
@@ -55,7 +57,9 @@ use r2m_rl::r2m_reward::reward_from_config;
 use r2m_rl::reward::{Diagnostics, LearnedRm, RewardFn, RolloutReward, Scored};
 use r2m_rl::reward_training::{train_reward_model, RmOutputs, RmTrainConfig};
 use r2m_rl::run::{list_checkpoints, read_step_metrics, train_with, RunControl, RunEnd};
-use r2m_rl::{load_prompts, Experience, Prompt, RewardInput, RlTrainer, StepMetrics, Trainable};
+use r2m_rl::{
+    load_prompts, Experience, Prompt, R2mReward, RewardInput, RlTrainer, StepMetrics, Trainable,
+};
 
 use crate::gold::{film_of, GoldConfig};
 use crate::heldout::{evaluate_policy, HeldOutLog};
@@ -117,6 +121,15 @@ pub struct OveroptConfig {
     pub gold: GoldKind,
     /// The quality gold's gates and thresholds (with `gold = "quality"`).
     pub gold_gates: GoldConfig,
+    /// A gold of your own: this command's score replaces `gold` (one persistent child process,
+    /// the protocol of `[reward] kind = "command"`: a JSON line `{"prompt", "response"}` in, a
+    /// number out; `--gold command:CMD`).
+    pub gold_command: Option<String>,
+    /// The `oracle` method: every this many steps, the proxy's head trains on the gold-labelled
+    /// pairs within each prompt's samples ([`crate::oracle`]), `oracle_epochs` AdamW steps at
+    /// `r2m_lr`.
+    pub oracle_every: usize,
+    pub oracle_epochs: usize,
     /// Evaluate on the held-out prompts ([`eval_prompts`]) before the first step, every this
     /// many steps and after the last (`RUN/heldout.jsonl`); 0: never.
     pub eval_every: usize,
@@ -152,6 +165,9 @@ impl Default for OveroptConfig {
             data_seed: 0,
             gold: GoldKind::Vader,
             gold_gates: GoldConfig::default(),
+            gold_command: None,
+            oracle_every: 4,
+            oracle_epochs: 4,
             eval_every: 4,
             eval_prompts: 32,
             set: Vec::new(),
@@ -181,14 +197,73 @@ pub fn gold_of(kind: GoldKind, gates: &GoldConfig, prompt: &str, response: &str)
     }
 }
 
-/// The methods of issue 7, in report order.
-pub const ALL_METHODS: [RmMethod; 6] = [
+/// The gold reward an experiment measures with: built in ([`gold_of`]) or a command of the
+/// user's ([`OveroptConfig::gold_command`]).
+pub enum Gold {
+    Builtin(GoldKind, GoldConfig),
+    Command(CommandReward),
+}
+
+impl Gold {
+    /// The gold `cfg` names (a command starts its child process now).
+    pub fn new(cfg: &OveroptConfig) -> Result<Self> {
+        match &cfg.gold_command {
+            Some(cmd) => Ok(Self::Command(CommandReward::new(
+                cmd,
+                Duration::from_secs(60),
+            )?)),
+            None => Ok(Self::Builtin(cfg.gold, cfg.gold_gates.clone())),
+        }
+    }
+
+    /// The gold of each `(prompt, response)`, the prompt as the user's message text.
+    pub fn score(&mut self, items: &[(&str, &str)]) -> Result<Vec<f64>> {
+        match self {
+            Self::Builtin(kind, gates) => Ok(items
+                .iter()
+                .map(|(p, r)| gold_of(*kind, gates, p, r))
+                .collect()),
+            Self::Command(cmd) => {
+                let prompts: Vec<Prompt> = items
+                    .iter()
+                    .map(|(p, _)| Prompt {
+                        ids: Vec::new(),
+                        messages: Some(vec![ChatMessage::user(p.to_string())]),
+                    })
+                    .collect();
+                let inputs: Vec<RewardInput<'_>> = prompts
+                    .iter()
+                    .zip(items)
+                    .map(|(p, (_, r))| RewardInput {
+                        prompt: p,
+                        response: &[],
+                        text: Some(r),
+                        finish: r2m_models::generate::FinishReason::Eos,
+                    })
+                    .collect();
+                Ok(cmd.score(&inputs)?.into_iter().map(f64::from).collect())
+            }
+        }
+    }
+
+    /// How reports name it.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Builtin(kind, _) => format!("{kind:?}").to_lowercase(),
+            Self::Command(cmd) => RewardFn::name(cmd),
+        }
+    }
+}
+
+/// The methods of issue 7 and the oracle, in report order.
+pub const ALL_METHODS: [RmMethod; 7] = [
     RmMethod::Vanilla,
     RmMethod::R2m,
     RmMethod::IterativeHead,
     RmMethod::PretrainedRm,
     RmMethod::R2mNoTrain,
     RmMethod::R2mNoise,
+    RmMethod::Oracle,
 ];
 
 impl OveroptConfig {
@@ -209,6 +284,7 @@ impl OveroptConfig {
             rm_lr: 3e-3,
             eval_every: 1,
             eval_prompts: 2,
+            oracle_every: 1,
             ..Self::default()
         }
     }
@@ -366,7 +442,7 @@ pub fn sample_gold_pairs<B: Backend>(
     temperature: f64,
     min_gap: f64,
     seed: u64,
-    gold: (GoldKind, &GoldConfig),
+    gold: &mut Gold,
     observer: &dyn Observer,
 ) -> Result<(Vec<GoldPair>, usize)> {
     const BATCH: usize = 16;
@@ -406,11 +482,19 @@ pub fn sample_gold_pairs<B: Backend>(
                 ..Default::default()
             };
             let gens = generate(model, Some(tok), &ids, &cfg)?;
+            let texts: Vec<String> = gens
+                .iter()
+                .map(|g| g.text.clone().unwrap_or_default())
+                .collect();
+            let items: Vec<(&str, &str)> = texts
+                .iter()
+                .enumerate()
+                .map(|(r, t)| (prompts[chunk[r / 2]].as_str(), t.as_str()))
+                .collect();
+            let golds = gold.score(&items)?;
             for (k, &i) in chunk.iter().enumerate() {
-                let text = |g: &r2m_models::Generation| g.text.clone().unwrap_or_default();
-                let (a, b) = (text(&gens[2 * k]), text(&gens[2 * k + 1]));
-                let gold = |t: &str| gold_of(gold.0, gold.1, &prompts[i], t);
-                let (ga, gb) = (gold(&a), gold(&b));
+                let (a, b) = (texts[2 * k].clone(), texts[2 * k + 1].clone());
+                let (ga, gb) = (golds[2 * k], golds[2 * k + 1]);
                 if (ga - gb).abs() < min_gap || a.trim().is_empty() || b.trim().is_empty() {
                     ties += 1;
                     continue;
@@ -595,8 +679,7 @@ pub struct GoldTracked<B: Backend> {
     pub inner: Box<dyn RolloutReward<B>>,
     pub calibration: Calibration,
     pub min_gap: f64,
-    pub gold: GoldKind,
-    pub gates: GoldConfig,
+    pub gold: Gold,
 }
 
 impl<B: Backend> GoldTracked<B> {
@@ -605,21 +688,20 @@ impl<B: Backend> GoldTracked<B> {
             inner,
             calibration,
             min_gap,
-            gold: GoldKind::Vader,
-            gates: GoldConfig::default(),
+            gold: Gold::Builtin(GoldKind::Vader, GoldConfig::default()),
         }
     }
 
-    /// Measure against `gold` (with `gates` for the quality gold).
-    pub fn with_gold(mut self, gold: GoldKind, gates: GoldConfig) -> Self {
-        (self.gold, self.gates) = (gold, gates);
+    /// Measure against `gold`.
+    pub fn with_gold(mut self, gold: Gold) -> Self {
+        self.gold = gold;
         self
     }
 
     /// Gold, calibrated proxy and agreement of the scores the step was trained on.
-    fn measure(&self, exp: &Experience<B>) -> (GoldStats, Vec<f64>) {
+    fn measure(&mut self, exp: &Experience<B>) -> Result<(GoldStats, Vec<f64>)> {
         let proxy = &exp.scores;
-        let gold = gold_scores(exp, self.gold, &self.gates);
+        let gold = gold_scores(exp, &mut self.gold)?;
         let cal: Vec<f64> = proxy
             .iter()
             .map(|&p| self.calibration.apply(p as f64))
@@ -636,32 +718,29 @@ impl<B: Backend> GoldTracked<B> {
             agree_after: agree,
             agree_pairs: pairs,
         };
-        (stats, gold)
+        Ok((stats, gold))
     }
 }
 
 /// The gold reward of each row of an experience (an empty response is scored as "").
-pub fn gold_scores<B: Backend>(
-    exp: &Experience<B>,
-    kind: GoldKind,
-    gates: &GoldConfig,
-) -> Vec<f64> {
-    (0..exp.rows())
+pub fn gold_scores<B: Backend>(exp: &Experience<B>, gold: &mut Gold) -> Result<Vec<f64>> {
+    let items: Vec<(&str, &str)> = (0..exp.rows())
         .map(|row| {
             let prompt = exp.prompt_of(row).messages.as_ref().and_then(|m| m.last());
             let prompt = prompt.map_or("", |m| m.content.as_str());
             let text = exp.responses[row].text.as_deref().unwrap_or("");
-            gold_of(kind, gates, prompt, text)
+            (prompt, text)
         })
-        .collect()
+        .collect();
+    gold.score(&items)
 }
 
 impl<B: Backend> RolloutReward<B> for GoldTracked<B> {
     fn name(&self) -> String {
         format!(
-            "{} [measured against gold: {:?}]",
+            "{} [measured against gold: {}]",
             self.inner.name(),
-            self.gold
+            self.gold.name()
         )
     }
 
@@ -686,7 +765,7 @@ impl<B: Backend> RolloutReward<B> for GoldTracked<B> {
         total: usize,
     ) -> Result<Diagnostics> {
         let mut diagnostics = self.inner.update(exp, refreshed_hidden, t, total)?;
-        let (mut stats, gold) = self.measure(exp);
+        let (mut stats, gold) = self.measure(exp)?;
         // The RM changed: score the same experience again to see whether it now agrees with
         // gold more (or less) often.
         if diagnostics.get("rm_loss").is_some() {
@@ -934,7 +1013,7 @@ fn prepare_proxy_rm<B: AutodiffBackend>(
             cfg.temperature,
             cfg.min_gold_gap,
             cfg.data_seed,
-            (cfg.gold, &cfg.gold_gates),
+            &mut Gold::new(cfg)?,
             observer,
         )?;
         ties += t;
@@ -957,7 +1036,7 @@ fn prepare_proxy_rm<B: AutodiffBackend>(
             cfg.temperature,
             cfg.min_gold_gap,
             cfg.data_seed ^ 0x9e37,
-            (cfg.gold, &cfg.gold_gates),
+            &mut Gold::new(cfg)?,
             observer,
         )?;
         ties += t;
@@ -1096,7 +1175,18 @@ fn one_run<B: AutodiffBackend>(
         ctl.observer,
     )?;
     let d_p = loaded.model.config.hidden_size;
-    let inner = reward_from_config::<B>(&rc, d_p, resume, device, ctl.observer)?;
+    let inner: Box<dyn RolloutReward<B::InnerBackend>> = if method == RmMethod::Oracle {
+        let rm = LearnedRm::<B::InnerBackend>::load(&exp.join("proxy-rm"), 4096, device)?;
+        Box::new(crate::oracle::OracleReward {
+            inner: R2mReward::<B>::new(rm, d_p, rc.r2m.clone()),
+            gold: Gold::new(cfg)?,
+            every: cfg.oracle_every,
+            min_gap: cfg.min_gold_gap,
+            epochs: cfg.oracle_epochs,
+        })
+    } else {
+        reward_from_config::<B>(&rc, d_p, resume, device, ctl.observer)?
+    };
     // The pretrained-rm control starts from a fine-tuned RM: its own scale.
     let calibration = if method == RmMethod::PretrainedRm {
         let mut rm = LearnedRm::<B::InnerBackend>::load(&dir.join("pretrained-rm"), 4096, device)?;
@@ -1104,8 +1194,8 @@ fn one_run<B: AutodiffBackend>(
     } else {
         proxy.calibration
     };
-    let mut reward = GoldTracked::new(inner, calibration, cfg.min_gold_gap)
-        .with_gold(cfg.gold, cfg.gold_gates.clone());
+    let mut reward =
+        GoldTracked::new(inner, calibration, cfg.min_gold_gap).with_gold(Gold::new(cfg)?);
     let max_prompt_len = rc.data.max_prompt_len;
     let steps = rc.run.steps;
     let mut trainer = RlTrainer::new(loaded.model, Some(tok.clone()), rc)?;
@@ -1124,18 +1214,17 @@ fn one_run<B: AutodiffBackend>(
             &dir.join("heldout.jsonl"),
             newest.as_ref().map_or(0, |c| c.0),
         )?;
-        held_out = Some((prompts, proxy_rm, log));
+        held_out = Some((prompts, proxy_rm, log, Gold::new(cfg)?));
     }
     let due =
         |step: usize| cfg.eval_every > 0 && (step.is_multiple_of(cfg.eval_every) || step == steps);
     let mut evaluate = |t: &RlTrainer<B>| -> Result<()> {
-        let Some((prompts, proxy_rm, log)) = held_out.as_mut() else {
+        let Some((prompts, proxy_rm, log, gold)) = held_out.as_mut() else {
             return Ok(());
         };
         if !due(t.step) || log.has(t.step)? {
             return Ok(());
         }
-        let gold = (cfg.gold, &cfg.gold_gates);
         let s = evaluate_policy(t, prompts, proxy_rm, gold, EVAL_SEED ^ t.step as u64)?;
         log.append(&s)
     };

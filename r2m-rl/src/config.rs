@@ -370,6 +370,11 @@ pub enum RmMethod {
     /// Control: before RL, the RM is fine-tuned with Bradley-Terry on gold preference pairs for
     /// the RL prompts (`r2m.pretrain_pairs`); then frozen, as vanilla.
     PretrainedRm,
+    /// Upper bound of the over-optimization experiment: `phi` keeps training with Bradley-Terry
+    /// on pairs of the current policy's samples that a gold reward labels
+    /// ([`crate::R2mReward::update_on_pairs`]). It needs a gold, so only `r2m experiment
+    /// overopt` runs it.
+    Oracle,
 }
 
 /// `vanilla`, `r2m`, ... as written in `r2m.method`.

@@ -16,7 +16,7 @@ use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{GradientsParams, Optimizer};
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Bool, ElementConversion, Tensor, TensorData};
+use burn::tensor::{Bool, ElementConversion, Int, Tensor, TensorData};
 use r2m_core::optim::clip_grad_norm;
 use r2m_core::r2m::{default_width, fuse, grebt_loss, pseudo_pair, time_step_weight, FusionHead};
 use r2m_core::{Observer, R2mError, Result};
@@ -238,7 +238,7 @@ impl<B: AutodiffBackend> R2mReward<B> {
     pub fn trains(&self) -> bool {
         matches!(
             self.cfg.method,
-            RmMethod::R2m | RmMethod::R2mNoise | RmMethod::IterativeHead
+            RmMethod::R2m | RmMethod::R2mNoise | RmMethod::IterativeHead | RmMethod::Oracle
         )
     }
 
@@ -361,7 +361,8 @@ impl<B: AutodiffBackend> RolloutReward<Inner<B>> for R2mReward<B> {
         let w = time_step_weight(t, total, self.cfg.omega);
         let mut stats = Diagnostics::default();
         stats.set("r2m_w", w);
-        if !self.trains() {
+        // The oracle's head trains on the labelled pairs it is given (`update_on_pairs`).
+        if !self.trains() || self.cfg.method == RmMethod::Oracle {
             return Ok(stats);
         }
         let h_last = exp.rm_hidden.clone().ok_or_else(|| {
@@ -409,6 +410,63 @@ impl<B: AutodiffBackend> RolloutReward<Inner<B>> for R2mReward<B> {
     }
 }
 
+impl<B: AutodiffBackend> R2mReward<B> {
+    /// Train `phi` with Bradley-Terry on given `(chosen, rejected)` pairs of the experience's
+    /// rows (labelled from outside, e.g. by a gold reward), `epochs` full-batch AdamW steps at
+    /// `r2m.lr`: the oracle control's update. Reports `rm_loss` (the first epoch's) and
+    /// `rm_grad_norm`; nothing happens without pairs.
+    pub fn update_on_pairs(
+        &mut self,
+        exp: &Experience<Inner<B>>,
+        pairs: &[(usize, usize)],
+        epochs: usize,
+        t: usize,
+        total: usize,
+    ) -> Result<Diagnostics> {
+        let mut stats = Diagnostics::default();
+        stats.set("oracle_pairs", pairs.len() as f64);
+        if pairs.is_empty() {
+            return Ok(stats);
+        }
+        let h_last = exp.rm_hidden.clone().ok_or_else(|| {
+            R2mError::Other("the oracle update needs H_last in the experience".into())
+        })?;
+        let w = time_step_weight(t, total, self.cfg.omega);
+        let dev = h_last.device();
+        let index = |f: fn(&(usize, usize)) -> usize| {
+            let v: Vec<i64> = pairs.iter().map(|p| f(p) as i64).collect();
+            Tensor::<B, 1, Int>::from_data(TensorData::new(v, [pairs.len()]), &dev)
+        };
+        let (chosen, rejected) = (index(|p| p.0), index(|p| p.1));
+        for e in 0..epochs.max(1) {
+            let r = self
+                .head
+                .reward(Tensor::from_inner(h_last.clone()), None, w);
+            let loss = r2m_core::loss::bradley_terry_loss(
+                r.clone().select(0, chosen.clone()),
+                r.select(0, rejected.clone()),
+            );
+            let loss_v = loss.clone().into_scalar().elem::<f32>() as f64;
+            if !loss_v.is_finite() {
+                return Err(R2mError::non_finite(
+                    t,
+                    "the oracle's Bradley-Terry loss",
+                    loss_v,
+                ));
+            }
+            let mut grads = GradientsParams::from_grads(loss.backward(), &self.head);
+            let gn = clip_grad_norm::<B, _>(&self.head, &mut grads, self.cfg.max_grad_norm);
+            self.head = self.optim.step(self.cfg.lr, self.head.clone(), grads);
+            self.updates += 1;
+            if e == 0 {
+                stats.set("rm_loss", loss_v);
+                stats.set("rm_grad_norm", gn);
+            }
+        }
+        Ok(stats)
+    }
+}
+
 /// The reward a run's config asks for (`reward.kind`, `r2m.method`), on the policy's backend.
 ///
 /// `policy_hidden` is the policy's hidden size (the fusion head's `D_p`). The `pretrained-rm`
@@ -440,6 +498,13 @@ pub fn reward_from_config<B: AutodiffBackend>(
             };
             Ok(match cfg.r2m.method {
                 RmMethod::Vanilla | RmMethod::PretrainedRm => Box::new(rm),
+                RmMethod::Oracle => {
+                    return Err(R2mError::Config(
+                        "r2m.method = \"oracle\" needs a gold reward to label pairs: only \
+                         `r2m experiment overopt` runs it"
+                            .into(),
+                    ))
+                }
                 _ => Box::new(R2mReward::<B>::new(rm, policy_hidden, cfg.r2m.clone())),
             })
         }

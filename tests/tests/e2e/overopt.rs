@@ -89,9 +89,10 @@ fn overopt_reduced_runs_every_method_resumes_and_reports() {
             assert!(r["gold_gap"].as_f64().unwrap().is_finite());
         }
         // Methods that train the RM report an R2M loss; the others none.
+        // (The oracle's head trains every step here: `oracle_every = 1` at CI size.)
         let trains = matches!(
             m,
-            RmMethod::R2m | RmMethod::R2mNoise | RmMethod::IterativeHead
+            RmMethod::R2m | RmMethod::R2mNoise | RmMethod::IterativeHead | RmMethod::Oracle
         );
         assert_eq!(rows[1]["rm_loss"].as_f64().is_some(), trains, "{m:?}");
         // The held-out curve: before the first step and after each (eval_every = 1), every
@@ -169,4 +170,67 @@ fn overopt_reduced_runs_every_method_resumes_and_reports() {
         .expect_err("other settings are refused")
         .to_string();
     assert!(err.contains("steps") && err.contains("--resume"), "{err}");
+}
+
+/// The command that runs fixture script `name` of `tests/fixtures/reward_cmd`.
+fn gold_script(name: &str) -> String {
+    let path = fixture_dir().join("reward_cmd").join(name);
+    format!("sh '{}'", path.display())
+}
+
+#[test]
+fn overopt_with_a_command_gold_measures_with_it_and_stops_when_it_fails() {
+    // `length.sh` answers each request with its length: a gold no built-in one can give
+    // (VADER is in [-1, 1]; a request line is dozens of characters).
+    let tmp = tempfile::tempdir().unwrap();
+    let exp = tmp.path().join("exp");
+    let cfg = OveroptConfig {
+        methods: vec![RmMethod::Vanilla],
+        steps: 1,
+        gold_command: Some(gold_script("length.sh")),
+        ..OveroptConfig::reduced()
+    };
+    let s = run_experiment::<AB>(&cfg, &exp, &device(), ExperimentControl::default()).unwrap();
+    assert_eq!(s.ran.len(), 1);
+    // The proxy's pairs are labelled by the command ...
+    for p in lines(&exp.join("rm-pairs.jsonl")) {
+        let (mut c, mut r) = (
+            p["gold_chosen"].as_f64().unwrap(),
+            p["gold_rejected"].as_f64().unwrap(),
+        );
+        if p["flipped"].as_bool().unwrap() {
+            // Label noise swapped this one.
+            std::mem::swap(&mut c, &mut r);
+        }
+        assert!(c > 20.0 && r > 20.0 && c >= r + cfg.min_gold_gap, "{p}");
+        assert_eq!(c.fract(), 0.0);
+    }
+    // ... and so are the training steps and the held-out evaluations.
+    let dir = run_dir(&exp, RmMethod::Vanilla, 0);
+    let m = lines(&dir.join("metrics.jsonl"));
+    assert!(m[0]["gold_mean"].as_f64().unwrap() > 20.0, "{}", m[0]);
+    let held = r2m_experiments::heldout::read_heldout(&dir.join("heldout.jsonl")).unwrap();
+    assert_eq!(held.len(), 2);
+    assert!(held
+        .iter()
+        .flat_map(|h| &h.gold)
+        .all(|g| *g > 20.0 && g.fract() == 0.0));
+
+    // A gold command that crashes stops the experiment with its name and its stderr.
+    let cfg = OveroptConfig {
+        gold_command: Some(gold_script("crash.sh")),
+        ..cfg
+    };
+    let e = run_experiment::<AB>(
+        &cfg,
+        &tmp.path().join("crash"),
+        &device(),
+        ExperimentControl::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("crash.sh") && e.contains("cannot score this request"),
+        "{e}"
+    );
 }

@@ -323,7 +323,11 @@ fn every_control_runs_and_trains_what_it_should() {
         let (want_fusion, want_phi) = match method {
             RmMethod::R2m | RmMethod::R2mNoise => (true, true),
             RmMethod::IterativeHead => (false, true),
-            RmMethod::Vanilla | RmMethod::R2mNoTrain | RmMethod::PretrainedRm => (false, false),
+            // The oracle's head trains only on labelled pairs it is given (not in `update`).
+            RmMethod::Vanilla
+            | RmMethod::R2mNoTrain
+            | RmMethod::PretrainedRm
+            | RmMethod::Oracle => (false, false),
         };
         assert_eq!((fusion_moved, phi_moved), (want_fusion, want_phi), "{name}");
     }
@@ -411,4 +415,48 @@ fn offline_scoring_with_the_policy_equals_the_rl_loop_at_t_equals_t() {
         max_abs_diff(&in_loop, &offline) < 1e-4,
         "{in_loop:?} vs {offline:?}"
     );
+}
+
+#[test]
+fn the_oracle_trains_phi_toward_the_pairs_it_is_given_and_nothing_else() {
+    let cfg = config(RmMethod::Oracle);
+    let trainer = RlTrainer::new(tiny_policy(), None, cfg.clone()).unwrap();
+    let mut reward = r2m(RmMethod::Oracle, &cfg);
+    let (mut exp, _) = trainer.rollout(tiny_prompts(3), 1).unwrap();
+    let scored = reward.score_experience(&exp, 1, 2).unwrap();
+    exp.scores = scored.scores.clone();
+    exp.rm_hidden = scored.rm_hidden;
+    assert!(
+        exp.rm_hidden.is_some(),
+        "the oracle keeps H_last for its update"
+    );
+    // In every group, sample 1 over sample 0.
+    let k = exp.k;
+    let pairs: Vec<(usize, usize)> = (0..exp.rows() / k).map(|g| (g * k + 1, g * k)).collect();
+    let margin = |s: &[f32]| {
+        pairs
+            .iter()
+            .map(|&(c, r)| (s[c] - s[r]) as f64)
+            .sum::<f64>()
+    };
+    // Its own update (GREBT on pseudo pairs) leaves phi alone ...
+    let phi0 = params(&reward.head.score.valid());
+    let d = reward.update(&exp, None, 1, 2).unwrap();
+    assert!(d.get("rm_loss").is_none());
+    assert_eq!(params(&reward.head.score.valid()), phi0);
+    // ... the labelled pairs move it their way.
+    let d = reward.update_on_pairs(&exp, &pairs, 10, 1, 2).unwrap();
+    assert_eq!(d.get("oracle_pairs"), Some(pairs.len() as f64));
+    assert!(d.get("rm_loss").unwrap().is_finite());
+    let after = reward.score_experience(&exp, 1, 2).unwrap().scores;
+    assert!(
+        margin(&after) > margin(&exp.scores) + 1e-3,
+        "{} -> {}",
+        margin(&exp.scores),
+        margin(&after)
+    );
+    // No pairs, no update.
+    let phi1 = params(&reward.head.score.valid());
+    reward.update_on_pairs(&exp, &[], 10, 1, 2).unwrap();
+    assert_eq!(params(&reward.head.score.valid()), phi1);
 }
