@@ -12,7 +12,8 @@ mkdir -p "$root"
 # name | overrides of configs/overopt/regime.toml (r2m experiment overopt flags)
 settings=(
   "A-top4-lr1e-4-kl0|"
-  "B-lora-all-lr2e-4-kl0|--set model.trainable=lora --set lora.r=16 --set lora.alpha=32 --set optim.lr=2e-4 --steps 24"
+  "B-lora-all-lr2e-4-kl0|--set model.trainable=lora --set lora.r=16 --set lora.alpha=32 --set optim.lr=2e-4 --steps 32"
+  "D-top4-lr1e-4-kl0-80steps|--steps 80"
   "C-top4-lr1e-4-kl0.01|--set algo.kl_coef=0.01"
 )
 first=""

@@ -226,13 +226,5 @@ pub fn read_heldout(path: &Path) -> Result<Vec<HeldOutStep>> {
     if !path.exists() {
         return Ok(Vec::new());
     }
-    let text = std::fs::read_to_string(path).map_err(|e| R2mError::io(path, e))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .map_err(|e| R2mError::format(path, format!("line {}: {e}", i + 1)))
-        })
-        .collect()
+    crate::overopt::read_jsonl(path)
 }

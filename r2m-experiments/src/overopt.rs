@@ -1130,6 +1130,11 @@ pub fn calibrate<B: Backend>(rm: &mut LearnedRm<B>, eval_pairs: &Path) -> Result
 }
 
 fn read_gold_pairs(path: &Path) -> Result<Vec<GoldPair>> {
+    read_jsonl(path)
+}
+
+/// One `T` per non-empty line of `path`; a bad line is an error naming the file and line.
+pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     let text = std::fs::read_to_string(path).map_err(|e| R2mError::io(path, e))?;
     text.lines()
         .enumerate()
@@ -1637,12 +1642,14 @@ fn held_out_markdown(s: &mut String, v: &crate::verdict::Verdict) {
     };
     let _ = writeln!(
         s,
-        "
-## On held-out prompts
-
-Gold of samples on the held-out prompts (films nothing trains on),          evaluated every few steps. Mean over seeds [95% t-interval]. Matched sqrt(KL): {}.
-",
-        v.matched_sqrt_kl.iter().map(|k| format!("{k:.3}")).collect::<Vec<_>>().join(", ")
+        "\n## On held-out prompts\n\nGold of samples on the held-out prompts (films nothing \
+         trains on), evaluated every few steps. Mean over seeds [95% t-interval]. Matched \
+         sqrt(KL): {}.\n",
+        v.matched_sqrt_kl
+            .iter()
+            .map(|k| format!("{k:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let _ = writeln!(
         s,
@@ -1660,9 +1667,7 @@ Gold of samples on the held-out prompts (films nothing trains on),          eval
             at.join(" | ")
         );
     }
-    let _ = writeln!(s, "
-Per run (peak chosen on the even prompts, measured on the odd; drop = peak − final with a paired bootstrap interval over the odd prompts):
-");
+    let _ = writeln!(s, "\nPer run (peak chosen on the even prompts, measured on the odd; drop = peak − final with a paired bootstrap interval over the odd prompts):\n");
     for (name, m) in &v.methods {
         for r in &m.runs {
             let _ = writeln!(
@@ -1680,15 +1685,13 @@ Per run (peak chosen on the even prompts, measured on the odd; drop = peak − f
     }
     let _ = writeln!(
         s,
-        "
-**vanilla_overoptimized: {}** (every vanilla run's drop above 0).",
+        "\n**vanilla_overoptimized: {}** (true when every vanilla run's drop interval lies above 0).",
         v.vanilla_overoptimized
     );
     for (name, d) in &v.paired_vs_vanilla {
         let _ = writeln!(
             s,
-            "
-**{name} − vanilla, gold at sqrt(KL) = {:.3}, paired by seed: {}** (n = {}).",
+            "\n**{name} − vanilla, gold at sqrt(KL) = {:.3}, paired by seed: {}** (n = {}).",
             v.matched_sqrt_kl.get(1).copied().unwrap_or(f64::NAN),
             ci(d),
             d.n
