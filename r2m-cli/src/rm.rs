@@ -293,6 +293,9 @@ pub struct EvalRmArgs {
     /// The saved R2M state (a run's `r2m/` directory); rewards use w = Omega (t = T).
     #[arg(long, requires = "policy")]
     r2m: Option<PathBuf>,
+    /// A PEFT LoRA adapter for `--policy` (a LoRA run's `RUN/adapter/`), merged into it.
+    #[arg(long, value_name = "DIR", requires = "policy")]
+    adapter: Option<PathBuf>,
 }
 
 pub struct EvalRmTask(pub EvalRmArgs);
@@ -317,7 +320,12 @@ impl BackendTask for EvalRmTask {
                     check_same_tokenizer(&tok, ptok)
                         .map_err(|e| R2mError::Config(format!("--policy {policy}: {e}")))?;
                 }
-                let policy = loaded.model;
+                let policy = match &a.adapter {
+                    Some(dir) => r2m_models::lora::merge_adapters(
+                        r2m_models::lora::load_peft_adapter(loaded.model, dir)?,
+                    ),
+                    None => loaded.model,
+                };
                 let info = R2mReward::<Autodiff<B>>::read_info(state)?;
                 let learned = LearnedRm {
                     model: rm,
