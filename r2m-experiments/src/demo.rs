@@ -41,11 +41,11 @@ use r2m_rl::reward_training::{train_reward_model, RmEval, RmOutputs, RmTrainConf
 use r2m_rl::run::{train_with, RlSummary, RunControl};
 use r2m_rl::{load_prompts, LearnedRm, R2mReward, RlTrainer};
 
-use crate::gold::GoldConfig;
+use crate::gold::{Gold, GoldConfig, GoldKind};
 use crate::heldout::{HeldOut, HeldOutEval};
+use crate::jsonl::write_jsonl;
 use crate::overopt::{
-    calibrate, eval_prompts, prompts_for, sample_gold_pairs, write_jsonl, Calibration, Gold,
-    GoldKind, GoldTracked, FILMS,
+    calibrate, eval_prompts, prompts_for, sample_gold_pairs, Calibration, GoldTracked, FILMS,
 };
 use crate::stats::{paired, wilson, Interval};
 

@@ -32,6 +32,13 @@
 
 use std::collections::{HashMap, HashSet};
 
+use std::time::Duration;
+
+use burn::tensor::backend::Backend;
+use r2m_core::Result;
+use r2m_models::ChatMessage;
+use r2m_rl::command::CommandReward;
+use r2m_rl::{Experience, Prompt, RewardFn, RewardInput};
 use serde::{Deserialize, Serialize};
 
 use crate::vader;
@@ -331,6 +338,103 @@ pub fn finished(rule: FinishRule, response: &str) -> bool {
 /// `Some(false)` below it (or when it is NaN), `None` when either is missing.
 pub fn fluent(threshold: Option<f64>, mean_logprob: Option<f64>) -> Option<bool> {
     Some(mean_logprob? >= threshold?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gold an experiment measures with
+// ---------------------------------------------------------------------------------------------
+
+/// Which gold reward an experiment measures against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GoldKind {
+    /// VADER's compound score of the response.
+    Vader,
+    /// VADER behind quality gates ([`crate::gold::gold`]): relevance, repetition, a finished
+    /// answer (fluency when a threshold is set).
+    Quality,
+}
+
+/// The gold reward of `response` to `prompt` (the prompt's text, which names the film).
+pub fn gold_of(kind: GoldKind, gates: &GoldConfig, prompt: &str, response: &str) -> f64 {
+    match kind {
+        GoldKind::Vader => vader::compound(response),
+        GoldKind::Quality => {
+            let film = film_of(prompt).unwrap_or_default();
+            crate::gold::gold(gates, &film, response, None).total
+        }
+    }
+}
+
+/// The gold reward an experiment measures with: built in ([`gold_of`]) or a command of the
+/// user's (`gold_command` of the experiment).
+pub enum Gold {
+    Builtin(GoldKind, GoldConfig),
+    Command(CommandReward),
+}
+
+impl Gold {
+    /// `command` when given (its child process starts now), else the built-in `kind`.
+    pub fn new(kind: GoldKind, gates: &GoldConfig, command: Option<&str>) -> Result<Self> {
+        match command {
+            Some(cmd) => Ok(Self::Command(CommandReward::new(
+                cmd,
+                Duration::from_secs(60),
+            )?)),
+            None => Ok(Self::Builtin(kind, gates.clone())),
+        }
+    }
+
+    /// The gold of each `(prompt, response)`, the prompt as the user's message text.
+    pub fn score(&mut self, items: &[(&str, &str)]) -> Result<Vec<f64>> {
+        match self {
+            Self::Builtin(kind, gates) => Ok(items
+                .iter()
+                .map(|(p, r)| gold_of(*kind, gates, p, r))
+                .collect()),
+            Self::Command(cmd) => {
+                let prompts: Vec<Prompt> = items
+                    .iter()
+                    .map(|(p, _)| Prompt {
+                        ids: Vec::new(),
+                        messages: Some(vec![ChatMessage::user(p.to_string())]),
+                    })
+                    .collect();
+                let inputs: Vec<RewardInput<'_>> = prompts
+                    .iter()
+                    .zip(items)
+                    .map(|(p, (_, r))| RewardInput {
+                        prompt: p,
+                        response: &[],
+                        text: Some(r),
+                        finish: r2m_models::generate::FinishReason::Eos,
+                    })
+                    .collect();
+                Ok(cmd.score(&inputs)?.into_iter().map(f64::from).collect())
+            }
+        }
+    }
+
+    /// How reports name it.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Builtin(kind, _) => format!("{kind:?}").to_lowercase(),
+            Self::Command(cmd) => RewardFn::name(cmd),
+        }
+    }
+}
+
+/// The gold reward of each row of an experience (an empty response is scored as "").
+pub fn gold_scores<B: Backend>(exp: &Experience<B>, gold: &mut Gold) -> Result<Vec<f64>> {
+    let items: Vec<(&str, &str)> = (0..exp.rows())
+        .map(|row| {
+            let prompt = exp.prompt_of(row).messages.as_ref().and_then(|m| m.last());
+            let prompt = prompt.map_or("", |m| m.content.as_str());
+            let text = exp.responses[row].text.as_deref().unwrap_or("");
+            (prompt, text)
+        })
+        .collect();
+    gold.score(&items)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use r2m_models::{generate, CausalLm, ChatMessage, GenerationConfig, Tokenizer};
 use r2m_rl::{LearnedRm, Prompt, RewardFn, RewardInput, RlTrainer};
 use serde::{Deserialize, Serialize};
 
-use crate::overopt::Gold;
+use crate::gold::{gold_scores, Gold};
 
 /// One held-out prompt's response and its scores.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -162,7 +162,7 @@ pub fn evaluate_policy<B: AutodiffBackend>(
 ) -> Result<HeldOutStep> {
     let (exp, _) = trainer.rollout(prompts.to_vec(), seed)?;
     let scores = proxy.score(&exp.reward_inputs())?;
-    let golds = crate::overopt::gold_scores(&exp, gold)?;
+    let golds = gold_scores(&exp, gold)?;
     let kl = exp
         .old_logprobs
         .iter()
@@ -226,5 +226,5 @@ pub fn read_heldout(path: &Path) -> Result<Vec<HeldOutStep>> {
     if !path.exists() {
         return Ok(Vec::new());
     }
-    crate::overopt::read_jsonl(path)
+    crate::jsonl::read_jsonl(path)
 }

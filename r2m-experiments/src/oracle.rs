@@ -12,7 +12,7 @@ use burn::tensor::Tensor;
 use r2m_core::Result;
 use r2m_rl::{Diagnostics, Experience, R2mReward, RolloutReward, Scored};
 
-use crate::overopt::{gold_scores, Gold};
+use crate::gold::{gold_scores, Gold};
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 

@@ -35,7 +35,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -49,7 +48,6 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use burn::tensor::Tensor;
-use r2m_rl::command::CommandReward;
 pub use r2m_rl::config::method_name;
 use r2m_rl::config::{RewardKind, RlConfig, RmMethod, SaveFinal};
 use r2m_rl::plots::{line_chart, Chart, Series};
@@ -61,13 +59,16 @@ use r2m_rl::{
     load_prompts, Experience, Prompt, R2mReward, RewardInput, RlTrainer, StepMetrics, Trainable,
 };
 
-use crate::gold::{film_of, GoldConfig};
-use crate::heldout::{evaluate_policy, HeldOutLog};
+use crate::gold::GoldConfig;
+pub use crate::gold::{gold_of, gold_scores, Gold, GoldKind};
+use crate::heldout::{evaluate_policy, read_heldout, HeldOutLog};
+use crate::jsonl::write_atomic;
+pub use crate::jsonl::{read_jsonl, write_jsonl};
+use crate::verdict::HeldOutRun;
 
 /// The seed of the held-out samples at step t is `EVAL_SEED ^ t`: the same for every method and
 /// run seed, so held-out curves compare on common random numbers.
 const EVAL_SEED: u64 = 0x4e1d_0e7a;
-use crate::vader;
 
 // ---------------------------------------------------------------------------------------------
 // Settings
@@ -175,84 +176,9 @@ impl Default for OveroptConfig {
     }
 }
 
-/// Which gold reward an experiment measures against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum GoldKind {
-    /// VADER's compound score of the response.
-    Vader,
-    /// VADER behind quality gates ([`crate::gold::gold`]): relevance, repetition, a finished
-    /// answer (fluency when a threshold is set).
-    Quality,
-}
-
-/// The gold reward of `response` to `prompt` (the prompt's text, which names the film).
-pub fn gold_of(kind: GoldKind, gates: &GoldConfig, prompt: &str, response: &str) -> f64 {
-    match kind {
-        GoldKind::Vader => vader::compound(response),
-        GoldKind::Quality => {
-            let film = film_of(prompt).unwrap_or_default();
-            crate::gold::gold(gates, &film, response, None).total
-        }
-    }
-}
-
-/// The gold reward an experiment measures with: built in ([`gold_of`]) or a command of the
-/// user's ([`OveroptConfig::gold_command`]).
-pub enum Gold {
-    Builtin(GoldKind, GoldConfig),
-    Command(CommandReward),
-}
-
-impl Gold {
-    /// The gold `cfg` names (a command starts its child process now).
-    pub fn new(cfg: &OveroptConfig) -> Result<Self> {
-        match &cfg.gold_command {
-            Some(cmd) => Ok(Self::Command(CommandReward::new(
-                cmd,
-                Duration::from_secs(60),
-            )?)),
-            None => Ok(Self::Builtin(cfg.gold, cfg.gold_gates.clone())),
-        }
-    }
-
-    /// The gold of each `(prompt, response)`, the prompt as the user's message text.
-    pub fn score(&mut self, items: &[(&str, &str)]) -> Result<Vec<f64>> {
-        match self {
-            Self::Builtin(kind, gates) => Ok(items
-                .iter()
-                .map(|(p, r)| gold_of(*kind, gates, p, r))
-                .collect()),
-            Self::Command(cmd) => {
-                let prompts: Vec<Prompt> = items
-                    .iter()
-                    .map(|(p, _)| Prompt {
-                        ids: Vec::new(),
-                        messages: Some(vec![ChatMessage::user(p.to_string())]),
-                    })
-                    .collect();
-                let inputs: Vec<RewardInput<'_>> = prompts
-                    .iter()
-                    .zip(items)
-                    .map(|(p, (_, r))| RewardInput {
-                        prompt: p,
-                        response: &[],
-                        text: Some(r),
-                        finish: r2m_models::generate::FinishReason::Eos,
-                    })
-                    .collect();
-                Ok(cmd.score(&inputs)?.into_iter().map(f64::from).collect())
-            }
-        }
-    }
-
-    /// How reports name it.
-    pub fn name(&self) -> String {
-        match self {
-            Self::Builtin(kind, _) => format!("{kind:?}").to_lowercase(),
-            Self::Command(cmd) => RewardFn::name(cmd),
-        }
-    }
+/// The gold `cfg` names: its `gold_command`, else the built-in `gold`.
+pub fn new_gold(cfg: &OveroptConfig) -> Result<Gold> {
+    Gold::new(cfg.gold, &cfg.gold_gates, cfg.gold_command.as_deref())
 }
 
 /// The methods of issue 7 and the oracle, in report order.
@@ -537,22 +463,6 @@ pub fn apply_label_noise(pairs: &mut [GoldPair], p: f64, seed: u64) -> usize {
     rows.len()
 }
 
-/// Write JSONL atomically (a temporary file renamed into place).
-pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
-    let mut text = String::new();
-    for r in rows {
-        text.push_str(&serde_json::to_string(r).expect("json"));
-        text.push('\n');
-    }
-    write_atomic(path, &text)
-}
-
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).map_err(|e| R2mError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| R2mError::io(path, e))
-}
-
 // ---------------------------------------------------------------------------------------------
 // Measuring against gold during RL
 // ---------------------------------------------------------------------------------------------
@@ -720,19 +630,6 @@ impl<B: Backend> GoldTracked<B> {
         };
         Ok((stats, gold))
     }
-}
-
-/// The gold reward of each row of an experience (an empty response is scored as "").
-pub fn gold_scores<B: Backend>(exp: &Experience<B>, gold: &mut Gold) -> Result<Vec<f64>> {
-    let items: Vec<(&str, &str)> = (0..exp.rows())
-        .map(|row| {
-            let prompt = exp.prompt_of(row).messages.as_ref().and_then(|m| m.last());
-            let prompt = prompt.map_or("", |m| m.content.as_str());
-            let text = exp.responses[row].text.as_deref().unwrap_or("");
-            (prompt, text)
-        })
-        .collect();
-    gold.score(&items)
 }
 
 impl<B: Backend> RolloutReward<B> for GoldTracked<B> {
@@ -1013,7 +910,7 @@ fn prepare_proxy_rm<B: AutodiffBackend>(
             cfg.temperature,
             cfg.min_gold_gap,
             cfg.data_seed,
-            &mut Gold::new(cfg)?,
+            &mut new_gold(cfg)?,
             observer,
         )?;
         ties += t;
@@ -1036,7 +933,7 @@ fn prepare_proxy_rm<B: AutodiffBackend>(
             cfg.temperature,
             cfg.min_gold_gap,
             cfg.data_seed ^ 0x9e37,
-            &mut Gold::new(cfg)?,
+            &mut new_gold(cfg)?,
             observer,
         )?;
         ties += t;
@@ -1133,19 +1030,6 @@ fn read_gold_pairs(path: &Path) -> Result<Vec<GoldPair>> {
     read_jsonl(path)
 }
 
-/// One `T` per non-empty line of `path`; a bad line is an error naming the file and line.
-pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    let text = std::fs::read_to_string(path).map_err(|e| R2mError::io(path, e))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .map_err(|e| R2mError::format(path, format!("line {}: {e}", i + 1)))
-        })
-        .collect()
-}
-
 #[allow(clippy::too_many_arguments)]
 fn one_run<B: AutodiffBackend>(
     cfg: &OveroptConfig,
@@ -1184,7 +1068,7 @@ fn one_run<B: AutodiffBackend>(
         let rm = LearnedRm::<B::InnerBackend>::load(&exp.join("proxy-rm"), 4096, device)?;
         Box::new(crate::oracle::OracleReward {
             inner: R2mReward::<B>::new(rm, d_p, rc.r2m.clone()),
-            gold: Gold::new(cfg)?,
+            gold: new_gold(cfg)?,
             every: cfg.oracle_every,
             min_gap: cfg.min_gold_gap,
             epochs: cfg.oracle_epochs,
@@ -1200,7 +1084,7 @@ fn one_run<B: AutodiffBackend>(
         proxy.calibration
     };
     let mut reward =
-        GoldTracked::new(inner, calibration, cfg.min_gold_gap).with_gold(Gold::new(cfg)?);
+        GoldTracked::new(inner, calibration, cfg.min_gold_gap).with_gold(new_gold(cfg)?);
     let max_prompt_len = rc.data.max_prompt_len;
     let steps = rc.run.steps;
     let mut trainer = RlTrainer::new(loaded.model, Some(tok.clone()), rc)?;
@@ -1219,7 +1103,7 @@ fn one_run<B: AutodiffBackend>(
             &dir.join("heldout.jsonl"),
             newest.as_ref().map_or(0, |c| c.0),
         )?;
-        held_out = Some((prompts, proxy_rm, log, Gold::new(cfg)?));
+        held_out = Some((prompts, proxy_rm, log, new_gold(cfg)?));
     }
     let due =
         |step: usize| cfg.eval_every > 0 && (step.is_multiple_of(cfg.eval_every) || step == steps);
@@ -1507,7 +1391,22 @@ pub fn report(exp: &Path, cfg: &OveroptConfig) -> Result<Report> {
     let r2m = rows.iter().find(|r| r.method == "r2m");
     let r2m_vs_vanilla = r2m.map(|r| r.vs_vanilla_at_kl).filter(|s| s.n > 0);
     let r2m_vs_vanilla_fit = r2m.map(|r| r.vs_vanilla_at_kl_fit).filter(|s| s.n > 0);
-    let plots = report_plots(exp, cfg, &runs)?;
+    let mut held = Vec::new();
+    for &method in &cfg.methods {
+        for &seed in &cfg.seeds {
+            let dir = run_dir(exp, method, seed);
+            if dir.join("done.json").exists() {
+                let points = read_heldout(&dir.join("heldout.jsonl"))?;
+                held.push(HeldOutRun {
+                    method,
+                    seed,
+                    points,
+                });
+            }
+        }
+    }
+    let mut plots = report_plots(exp, cfg, &runs)?;
+    plots.extend(crate::verdict::held_out_plots(&exp.join("plots"), &held)?);
     let proxy: Option<ProxyRmInfo> = std::fs::read_to_string(exp.join("proxy-rm/proxy_rm.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
@@ -1519,7 +1418,7 @@ pub fn report(exp: &Path, cfg: &OveroptConfig) -> Result<Report> {
         runs,
         plots,
         markdown: String::new(),
-        held_out: crate::verdict::verdict(exp, cfg)?,
+        held_out: crate::verdict::verdict(&held),
     };
     rep.markdown = markdown(cfg, &rep, proxy.as_ref());
     write_atomic(&exp.join("report.md"), &rep.markdown)?;

@@ -18,8 +18,7 @@ use r2m_core::Result;
 use r2m_rl::config::{method_name, RmMethod};
 use serde::{Deserialize, Serialize};
 
-use crate::heldout::{read_heldout, HeldOutStep};
-use crate::overopt::{run_dir, OveroptConfig};
+use crate::heldout::HeldOutStep;
 use crate::stats::{bootstrap, t_interval, Interval};
 
 /// One run's held-out verdict.
@@ -118,34 +117,44 @@ pub fn run_verdict(seed: u64, points: &[HeldOutStep], levels: &[f64]) -> RunVerd
     }
 }
 
-/// The verdict of an experiment's finished runs with held-out evaluations; `None` when no run
-/// has two evaluations.
-pub fn verdict(exp: &Path, cfg: &OveroptConfig) -> Result<Option<Verdict>> {
-    let mut runs: Vec<(RmMethod, u64, Vec<HeldOutStep>)> = Vec::new();
-    for &m in &cfg.methods {
-        for &s in &cfg.seeds {
-            let dir = run_dir(exp, m, s);
-            let points = read_heldout(&dir.join("heldout.jsonl"))?;
-            if dir.join("done.json").exists() && points.len() >= 2 {
-                runs.push((m, s, points));
-            }
-        }
-    }
+/// One finished run's held-out evaluations.
+#[derive(Debug, Clone)]
+pub struct HeldOutRun {
+    pub method: RmMethod,
+    pub seed: u64,
+    pub points: Vec<HeldOutStep>,
+}
+
+/// The verdict of finished runs (in report order) with at least two held-out evaluations each;
+/// `None` without any.
+pub fn verdict(runs: &[HeldOutRun]) -> Option<Verdict> {
+    let runs: Vec<&HeldOutRun> = runs.iter().filter(|r| r.points.len() >= 2).collect();
     if runs.is_empty() {
-        return Ok(None);
+        return None;
+    }
+    let mut order: Vec<RmMethod> = Vec::new();
+    for r in &runs {
+        if !order.contains(&r.method) {
+            order.push(r.method);
+        }
     }
     let reach = runs
         .iter()
-        .map(|(_, _, p)| p.iter().map(HeldOutStep::sqrt_kl).fold(0.0, f64::max))
+        .map(|r| {
+            r.points
+                .iter()
+                .map(HeldOutStep::sqrt_kl)
+                .fold(0.0, f64::max)
+        })
         .fold(f64::INFINITY, f64::min);
     let levels: Vec<f64> = [0.25, 0.5, 0.75].iter().map(|f| f * reach).collect();
     let mut methods = BTreeMap::new();
     let mut per_run: BTreeMap<(String, u64), RunVerdict> = BTreeMap::new();
-    for &m in &cfg.methods {
+    for &m in &order {
         let rv: Vec<RunVerdict> = runs
             .iter()
-            .filter(|(rm, _, _)| *rm == m)
-            .map(|(_, s, p)| run_verdict(*s, p, &levels))
+            .filter(|r| r.method == m)
+            .map(|r| run_verdict(r.seed, &r.points, &levels))
             .collect();
         if rv.is_empty() {
             continue;
@@ -182,12 +191,86 @@ pub fn verdict(exp: &Path, cfg: &OveroptConfig) -> Result<Option<Verdict>> {
             paired_vs_vanilla.insert(name.clone(), t_interval(&d));
         }
     }
-    Ok(Some(Verdict {
+    Some(Verdict {
         vanilla_overoptimized,
         matched_sqrt_kl: levels,
         methods,
         paired_vs_vanilla,
-    }))
+    })
+}
+
+/// `DIR/heldout_gold_vs_sqrt_kl.{png,svg}` and `heldout_proxy_vs_sqrt_kl`: per method, the
+/// held-out gold (and the fixed proxy's raw score) at each evaluation against sqrt(KL), the mean
+/// over seeds with a min-max band. Nothing is drawn without held-out evaluations.
+pub fn held_out_plots(dir: &Path, all: &[HeldOutRun]) -> Result<Vec<std::path::PathBuf>> {
+    use r2m_rl::plots::{line_chart, Chart, Series};
+    let mut golds = Vec::new();
+    let mut proxies = Vec::new();
+    let mut order: Vec<RmMethod> = Vec::new();
+    for r in all.iter().filter(|r| !r.points.is_empty()) {
+        if !order.contains(&r.method) {
+            order.push(r.method);
+        }
+    }
+    for m in order {
+        let runs: Vec<&Vec<HeldOutStep>> = all
+            .iter()
+            .filter(|r| r.method == m && !r.points.is_empty())
+            .map(|r| &r.points)
+            .collect();
+        let Some(n) = runs.iter().map(|p| p.len()).min() else {
+            continue;
+        };
+        // Evaluation i of every seed: mean sqrt(KL) as x, mean and min..max of y.
+        let series = |y: fn(&HeldOutStep) -> f64| {
+            let mut points = Vec::new();
+            let mut band = Vec::new();
+            for i in 0..n {
+                let xs: Vec<f64> = runs.iter().map(|r| r[i].sqrt_kl()).collect();
+                let ys: Vec<f64> = runs.iter().map(|r| y(&r[i])).collect();
+                let x = xs.iter().sum::<f64>() / xs.len() as f64;
+                let lo = ys.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = ys.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                points.push((x, ys.iter().sum::<f64>() / ys.len() as f64));
+                band.push((x, lo, hi));
+            }
+            Series {
+                name: match runs.len() {
+                    1 => format!("{} (1 seed)", method_name(m)),
+                    n => format!("{} ({n} seeds)", method_name(m)),
+                },
+                points,
+                band: (runs.len() > 1).then_some(band),
+            }
+        };
+        golds.push(series(HeldOutStep::gold_mean));
+        proxies.push(series(HeldOutStep::proxy_mean));
+    }
+    if golds.is_empty() {
+        return Ok(Vec::new());
+    }
+    let x_label = "sqrt(KL to the reference) on the held-out samples".to_string();
+    let mut out = line_chart(
+        dir,
+        "heldout_gold_vs_sqrt_kl",
+        &Chart {
+            title: "Held-out gold vs sqrt(KL) (mean over seeds, band min-max)".into(),
+            x_label: x_label.clone(),
+            y_label: "gold".into(),
+            series: golds,
+        },
+    )?;
+    out.extend(line_chart(
+        dir,
+        "heldout_proxy_vs_sqrt_kl",
+        &Chart {
+            title: "Held-out proxy (fixed, raw score) vs sqrt(KL)".into(),
+            x_label,
+            y_label: "proxy".into(),
+            series: proxies,
+        },
+    )?);
+    Ok(out)
 }
 
 #[cfg(test)]

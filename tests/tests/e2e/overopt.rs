@@ -128,6 +128,8 @@ fn overopt_reduced_runs_every_method_resumes_and_reports() {
         "agreement_before",
         "agreement_after",
         "length",
+        "heldout_gold_vs_sqrt_kl",
+        "heldout_proxy_vs_sqrt_kl",
     ] {
         for ext in ["png", "svg"] {
             let p = exp.join("plots").join(format!("{stem}.{ext}"));
