@@ -17,7 +17,7 @@ use std::time::Instant;
 use burn::tensor::backend::Backend;
 use clap::{Parser, Subcommand};
 use r2m_core::Result;
-use r2m_models::{generate, load_model, lora, save_hf_dir, ChatMessage, GenerationConfig};
+use r2m_models::{generate, load_model, lora, save_hf_dir, GenerationConfig};
 
 use backends::{dispatch, BackendTask, DeviceArg, DtypeArg};
 
@@ -143,8 +143,7 @@ impl BackendTask for GenerateTask {
             .iter()
             .map(|p| {
                 if a.chat {
-                    let text = tok.apply_chat_template(&[ChatMessage::user(p.clone())], true)?;
-                    tok.encode(&text, false)
+                    tok.encode_user_turn(p)
                 } else {
                     tok.encode(p, true)
                 }

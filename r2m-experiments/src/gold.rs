@@ -36,7 +36,6 @@ use std::time::Duration;
 
 use burn::tensor::backend::Backend;
 use r2m_core::Result;
-use r2m_models::ChatMessage;
 use r2m_rl::command::CommandReward;
 use r2m_rl::{Experience, Prompt, RewardFn, RewardInput};
 use serde::{Deserialize, Serialize};
@@ -393,13 +392,7 @@ impl Gold {
                 .map(|(p, r)| gold_of(*kind, gates, p, r))
                 .collect()),
             Self::Command(cmd) => {
-                let prompts: Vec<Prompt> = items
-                    .iter()
-                    .map(|(p, _)| Prompt {
-                        ids: Vec::new(),
-                        messages: Some(vec![ChatMessage::user(p.to_string())]),
-                    })
-                    .collect();
+                let prompts: Vec<Prompt> = items.iter().map(|(p, _)| Prompt::user(p)).collect();
                 let inputs: Vec<RewardInput<'_>> = prompts
                     .iter()
                     .zip(items)

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use r2m_core::{R2mError, Result};
-use r2m_models::{generate, CausalLm, ChatMessage, GenerationConfig, Tokenizer};
+use r2m_models::{generate, CausalLm, GenerationConfig, Tokenizer};
 use r2m_rl::{LearnedRm, Prompt, RewardFn, RewardInput, RlTrainer};
 use serde::{Deserialize, Serialize};
 
@@ -45,10 +45,7 @@ impl<B: Backend> HeldOutEval<'_, B> {
         let tok = self.tokenizer;
         let ids = prompts
             .iter()
-            .map(|p| {
-                let text = tok.apply_chat_template(&[ChatMessage::user(p.clone())], true)?;
-                tok.encode(&text, false)
-            })
+            .map(|p| tok.encode_user_turn(p))
             .collect::<Result<Vec<_>>>()?;
         let cfg = GenerationConfig {
             max_new_tokens: self.max_new_tokens,
@@ -62,13 +59,7 @@ impl<B: Backend> HeldOutEval<'_, B> {
             .map(|g| g.text.clone().unwrap_or_default())
             .collect();
         // Scored as the RL loop scores: the prompt as one user message, the text as the reply.
-        let as_prompts: Vec<Prompt> = prompts
-            .iter()
-            .map(|p| Prompt {
-                ids: Vec::new(),
-                messages: Some(vec![ChatMessage::user(p.clone())]),
-            })
-            .collect();
+        let as_prompts: Vec<Prompt> = prompts.iter().map(|p| Prompt::user(p)).collect();
         let inputs: Vec<RewardInput<'_>> = as_prompts
             .iter()
             .zip(&texts)

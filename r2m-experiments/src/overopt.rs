@@ -41,9 +41,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use r2m_core::observe::SILENT;
 use r2m_core::{Observer, R2mError, Result};
 use r2m_data::{label_noise_rows, read_preferences, tokenize_pairs, ReadOptions};
-use r2m_models::{
-    generate, load_model, CausalLm, ChatMessage, GenerationConfig, RewardModel, Tokenizer,
-};
+use r2m_models::{generate, load_model, CausalLm, GenerationConfig, RewardModel, Tokenizer};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -395,9 +393,7 @@ pub fn sample_gold_pairs<B: Backend>(
             }
             let mut ids = Vec::with_capacity(2 * chunk.len());
             for &i in chunk {
-                let text =
-                    tok.apply_chat_template(&[ChatMessage::user(prompts[i].clone())], true)?;
-                let p = tok.encode(&text, false)?;
+                let p = tok.encode_user_turn(&prompts[i])?;
                 ids.push(p.clone());
                 ids.push(p);
             }
@@ -1002,13 +998,7 @@ fn prepare_proxy_rm<B: AutodiffBackend>(
 pub fn calibrate<B: Backend>(rm: &mut LearnedRm<B>, eval_pairs: &Path) -> Result<Calibration> {
     let golds = read_gold_pairs(eval_pairs)?;
     // A string prompt is one user message, as `read_preferences` reads it for training.
-    let prompts: Vec<Prompt> = golds
-        .iter()
-        .map(|p| Prompt {
-            ids: Vec::new(),
-            messages: Some(vec![ChatMessage::user(p.prompt.clone())]),
-        })
-        .collect();
+    let prompts: Vec<Prompt> = golds.iter().map(|p| Prompt::user(&p.prompt)).collect();
     let mut inputs = Vec::new();
     let mut gold = Vec::new();
     for (g, pr) in golds.iter().zip(&prompts) {

@@ -285,6 +285,13 @@ impl Tokenizer {
         self.eos_token.as_deref().and_then(|t| self.token_to_id(t))
     }
 
+    /// Token ids of one user message in the chat template, the assistant's turn opened: what a
+    /// chat model is prompted with.
+    pub fn encode_user_turn(&self, user: &str) -> Result<Vec<u32>> {
+        let text = self.apply_chat_template(&[ChatMessage::user(user.to_string())], true)?;
+        self.encode(&text, false)
+    }
+
     /// Render `messages` with the checkpoint's chat template.
     pub fn apply_chat_template(
         &self,

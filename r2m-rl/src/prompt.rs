@@ -19,6 +19,16 @@ pub struct Prompt {
     pub messages: Option<Vec<ChatMessage>>,
 }
 
+impl Prompt {
+    /// A prompt that is one user message, for rewards that read text (no token ids).
+    pub fn user(text: &str) -> Self {
+        Self {
+            ids: Vec::new(),
+            messages: Some(vec![ChatMessage::user(text.to_string())]),
+        }
+    }
+}
+
 /// Read the prompts of `path` (`data.prompts`), render them with the chat template (ending with
 /// the generation prompt) and drop those longer than `max_prompt_len` tokens. The data report
 /// and the count kept go to `observer`.
