@@ -16,6 +16,10 @@
 # it are skipped and each step's timeout is cut to what is left, so a time-boxed machine still
 # returns every finished number.
 set -u
+# Decoding's cubecl attention kernel is off by default on CUDA until `bench check` has passed
+# there with it: this script turns it on, so check.txt is that check (the baseline column turns
+# it off again).
+export R2M_ATTENTION_KERNEL=${R2M_ATTENTION_KERNEL:-1}
 R2M=${1:-target/release/r2m}
 OUT=${2:-bench-gpu}
 BASE=${3:-}

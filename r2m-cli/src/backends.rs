@@ -44,11 +44,13 @@ fn run_on<B: Backend, T: BackendTask>(task: T, device: B::Device, name: &str) ->
     task.run::<B>(device, name)
 }
 
-/// Whether decoding's attention takes r2m's kernel on the GPU backends (`fused::register_cube_ops`):
-/// yes unless `R2M_ATTENTION_KERNEL=0`, which is there to time the tensor-op path against it.
+/// Whether decoding's attention takes r2m's kernel on a GPU backend (`fused::register_cube_ops`):
+/// `R2M_ATTENTION_KERNEL=0` or `=1` decides, else `default`. On WGPU it is on by default (the
+/// tests check it against the tensor ops); on CUDA it stays off until `r2m bench check` has
+/// passed there with it (`scripts/bench-gpu.sh` turns it on, and its `check.txt` is that check).
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
-fn attention_kernel_wanted() -> bool {
-    std::env::var("R2M_ATTENTION_KERNEL").map_or(true, |v| v != "0")
+fn attention_kernel_wanted(default: bool) -> bool {
+    std::env::var("R2M_ATTENTION_KERNEL").map_or(default, |v| v != "0")
 }
 
 /// Run `task` on the backend `choice` names, with floats of type `dtype`.
@@ -74,7 +76,7 @@ pub fn dispatch(choice: DeviceArg, dtype: DtypeArg, task: impl BackendTask) -> R
             #[cfg(feature = "wgpu")]
             let adapter = wgpu_adapter_name(wgpu_adapters())?;
             #[cfg(feature = "wgpu")]
-            if attention_kernel_wanted() {
+            if attention_kernel_wanted(true) {
                 r2m_models::fused::register_cube_ops::<burn_wgpu::WgpuRuntime, f32, i32, u32>();
             }
             #[cfg(feature = "wgpu")]
@@ -90,7 +92,7 @@ pub fn dispatch(choice: DeviceArg, dtype: DtypeArg, task: impl BackendTask) -> R
             #[cfg(feature = "cuda")]
             require_nvidia_driver(std::path::Path::new(NVIDIA_DRIVER))?;
             #[cfg(feature = "cuda")]
-            if attention_kernel_wanted() {
+            if attention_kernel_wanted(false) {
                 use cubecl::cuda::CudaRuntime;
                 r2m_models::fused::register_cube_ops::<CudaRuntime, f32, i32, u8>();
                 r2m_models::fused::register_cube_ops::<CudaRuntime, burn::tensor::bf16, i32, u8>();

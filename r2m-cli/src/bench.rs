@@ -541,6 +541,8 @@ fn rl_step<B: Backend>(a: &BenchArgs, device: &B::Device, backend: &str) -> Resu
         trainer: RlTrainer<B>,
         reward: Box<dyn RolloutReward<B::InnerBackend>>,
         steps: Vec<StepMetrics>,
+        /// The padding share the training passes would have had without sorting micro-batches.
+        unsorted_pad: Vec<f64>,
     }
     let mut arms = Vec::new();
     for name in &a.methods {
@@ -562,6 +564,7 @@ fn rl_step<B: Backend>(a: &BenchArgs, device: &B::Device, backend: &str) -> Resu
             trainer,
             reward,
             steps: Vec::new(),
+            unsorted_pad: Vec::new(),
         });
     }
     drop(loaded);
@@ -574,7 +577,9 @@ fn rl_step<B: Backend>(a: &BenchArgs, device: &B::Device, backend: &str) -> Resu
             .collect();
         let mut line = format!("step {}:", i + 1);
         for arm in &mut arms {
-            let (m, _) = arm.trainer.step(batch.clone(), arm.reward.as_mut())?;
+            let (m, exp) = arm.trainer.step(batch.clone(), arm.reward.as_mut())?;
+            arm.unsorted_pad
+                .push(unsorted_pad_share(&exp, &cfg.optim, i as u64));
             line += &format!(
                 " {} {:.1}s (generate {:.1}, log-probs {:.1}, reward {:.2}, update {:.1}, rm update {:.2})",
                 arm.name, m.time_step, m.time_generate, m.time_logprobs, m.time_reward,
@@ -605,15 +610,18 @@ fn rl_step<B: Backend>(a: &BenchArgs, device: &B::Device, backend: &str) -> Resu
             "rm_update_s": mean(m, |x| x.time_rm_update),
             "response_len": mean(m, |x| x.response_len),
             "checkpoint_mib": ckpt_mib,
+            "pad_share": mean(m, |x| x.pad_share),
+            "pad_share_unsorted": arm.unsorted_pad.iter().sum::<f64>() / m.len().max(1) as f64,
         });
         println!(
-            "r2m rl-step backend={backend} trainable={} method={} steps={} rows={}: {:.2}s/step (generate {:.2}, log-probs {:.2}, reward {:.2}, update {:.2}, rm update {:.2}); checkpoint {:.1} MiB",
+            "r2m rl-step backend={backend} trainable={} method={} steps={} rows={}: {:.2}s/step (generate {:.2}, log-probs {:.2}, reward {:.2}, update {:.2}, rm update {:.2}); checkpoint {:.1} MiB; training grid {:.1}% padding ({:.1}% unsorted)",
             cfg.model.trainable, arm.name, a.rl_steps,
             cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt,
             row["step_s"].as_f64().unwrap_or(0.0), row["generate_s"].as_f64().unwrap_or(0.0),
             row["logprobs_s"].as_f64().unwrap_or(0.0), row["reward_s"].as_f64().unwrap_or(0.0),
             row["update_s"].as_f64().unwrap_or(0.0), row["rm_update_s"].as_f64().unwrap_or(0.0),
-            ckpt_mib
+            ckpt_mib, 100.0 * row["pad_share"].as_f64().unwrap_or(0.0),
+            100.0 * row["pad_share_unsorted"].as_f64().unwrap_or(0.0)
         );
         rows.insert(arm.name.clone(), row);
     }
@@ -632,6 +640,31 @@ fn rl_step<B: Backend>(a: &BenchArgs, device: &B::Device, backend: &str) -> Resu
             "ratio": ratio, "peak_rss_mib": peak_rss_mib()})
     );
     Ok(())
+}
+
+/// The share of padding in the training passes' grids of `exp` with mini-batches in a shuffled
+/// order and micro-batches cut without sorting (how the update ran before it sorted them).
+fn unsorted_pad_share<B: Backend>(
+    exp: &r2m_rl::Experience<B>,
+    optim: &r2m_rl::config::OptimConfig,
+    seed: u64,
+) -> f64 {
+    use r2m_rl::update::{grid_padding, micro_batches};
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let (mut cells, mut padding) = (0, 0);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for _ in 0..optim.epochs {
+        let mut order: Vec<usize> = (0..exp.rows()).collect();
+        order.shuffle(&mut rng);
+        for mb in order.chunks(optim.mini_batch_size) {
+            for micro in micro_batches(exp, mb, optim.micro_batch_size, false) {
+                let (c, p) = grid_padding(exp, &micro);
+                (cells, padding) = (cells + c, padding + p);
+            }
+        }
+    }
+    padding as f64 / cells.max(1) as f64
 }
 
 /// Bytes of the files under `dir`.

@@ -33,6 +33,7 @@
 //! Every stage is skipped when its output exists, and an unfinished run resumes from its newest
 //! checkpoint, so an interrupted sweep continues where it stopped.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
@@ -136,6 +137,12 @@ pub struct OveroptConfig {
     pub eval_prompts: usize,
     /// Overrides of every run's config (`section.key=value`, as `r2m train --set`).
     pub set: Vec<String>,
+    /// Seeds of one method instead of `seeds` (by method name: `iterative-head = [0, 1, 2]`), so
+    /// that the methods compared most closely get more seeds.
+    pub method_seeds: BTreeMap<String, Vec<u64>>,
+    /// Overrides of one method's runs, after `set` (by method name: `r2m = ["r2m.lr=1e-3"]`): a
+    /// method's own knobs, as tuned.
+    pub method_set: BTreeMap<String, Vec<String>>,
 }
 
 impl Default for OveroptConfig {
@@ -170,6 +177,8 @@ impl Default for OveroptConfig {
             eval_every: 4,
             eval_prompts: 32,
             set: Vec::new(),
+            method_seeds: BTreeMap::new(),
+            method_set: BTreeMap::new(),
         }
     }
 }
@@ -223,10 +232,42 @@ impl OveroptConfig {
         toml::to_string(self).expect("the experiment config serialises")
     }
 
+    /// The seeds `method` runs with: its `method_seeds`, else `seeds`.
+    pub fn seeds_of(&self, method: RmMethod) -> &[u64] {
+        self.method_seeds
+            .get(&method_name(method))
+            .map_or(&self.seeds, Vec::as_slice)
+    }
+
+    /// Every seed any method runs with, ascending: runs go seed by seed, so that an unfinished
+    /// sweep has every method on its first seeds.
+    pub fn all_seeds(&self) -> Vec<u64> {
+        let mut seeds: Vec<u64> = (self.methods.iter())
+            .flat_map(|&m| self.seeds_of(m).iter().copied())
+            .collect();
+        seeds.sort_unstable();
+        seeds.dedup();
+        seeds
+    }
+
     fn check(&self) -> Result<()> {
         let bad = |m: &str| Err(R2mError::Config(format!("experiment overopt: {m}")));
         if self.methods.is_empty() || self.seeds.is_empty() {
             return bad("methods and seeds must not be empty");
+        }
+        let names: Vec<String> = self.methods.iter().map(|&m| method_name(m)).collect();
+        for (what, key) in (self.method_seeds.keys().map(|k| ("method_seeds", k)))
+            .chain(self.method_set.keys().map(|k| ("method_set", k)))
+        {
+            if !names.contains(key) {
+                return bad(&format!(
+                    "{what}.{key}: `{key}` is not one of the methods ({})",
+                    names.join(", ")
+                ));
+            }
+        }
+        if self.method_seeds.values().any(Vec::is_empty) {
+            return bad("method_seeds: a method's seed list must not be empty");
         }
         if self.samples_per_prompt < 2 {
             return bad(
@@ -722,7 +763,9 @@ pub fn run_config(
     c.run.save_final = SaveFinal::No;
     c.run.checkpoint_every = 2;
     c.run.keep_checkpoints = 1;
-    c.with_overrides(&cfg.set)
+    let own = cfg.method_set.get(&method_name(method));
+    c.with_overrides(&cfg.set)?
+        .with_overrides(own.map_or(&[][..], Vec::as_slice))
 }
 
 /// How [`run_experiment`] is driven.
@@ -816,10 +859,13 @@ pub fn run_experiment<B: AutodiffBackend>(
         proxy_rm,
         report: None,
     };
-    let total = cfg.methods.len() * cfg.seeds.len();
+    let total: usize = cfg.methods.iter().map(|&m| cfg.seeds_of(m).len()).sum();
     let mut i = 0;
-    for &seed in &cfg.seeds {
+    for seed in cfg.all_seeds() {
         for &method in &cfg.methods {
+            if !cfg.seeds_of(method).contains(&seed) {
+                continue;
+            }
             i += 1;
             let name = format!("{}-seed{seed}", method_name(method));
             let dir = run_dir(exp, method, seed);
@@ -1316,7 +1362,7 @@ pub struct Report {
 pub fn report(exp: &Path, cfg: &OveroptConfig) -> Result<Report> {
     let mut runs = Vec::new();
     for &m in &cfg.methods {
-        for &s in &cfg.seeds {
+        for &s in cfg.seeds_of(m) {
             let dir = run_dir(exp, m, s);
             let p = dir.join("metrics.jsonl");
             if dir.join("done.json").exists() && p.exists() {
@@ -1383,7 +1429,7 @@ pub fn report(exp: &Path, cfg: &OveroptConfig) -> Result<Report> {
     let r2m_vs_vanilla_fit = r2m.map(|r| r.vs_vanilla_at_kl_fit).filter(|s| s.n > 0);
     let mut held = Vec::new();
     for &method in &cfg.methods {
-        for &seed in &cfg.seeds {
+        for &seed in cfg.seeds_of(method) {
             let dir = run_dir(exp, method, seed);
             if dir.join("done.json").exists() {
                 let points = read_heldout(&dir.join("heldout.jsonl"))?;
@@ -1745,6 +1791,36 @@ fn report_plots(exp: &Path, cfg: &OveroptConfig, runs: &[RunCurve]) -> Result<Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn methods_get_their_own_seeds_and_overrides() {
+        let toml = r#"
+methods = ["vanilla", "r2m", "oracle"]
+seeds = [0, 1, 2, 3]
+[method_seeds]
+oracle = [0, 1]
+[method_set]
+r2m = ["r2m.lr=1e-3"]
+"#;
+        let cfg: OveroptConfig = toml::from_str(toml).unwrap();
+        cfg.check().unwrap();
+        assert_eq!(cfg.seeds_of(RmMethod::Oracle), &[0, 1]);
+        assert_eq!(cfg.seeds_of(RmMethod::R2m), &[0, 1, 2, 3]);
+        assert_eq!(cfg.all_seeds(), vec![0, 1, 2, 3]);
+        let exp = Path::new("/tmp/exp");
+        let lr = |m| run_config(&cfg, exp, m, 0).unwrap().r2m.lr;
+        assert_eq!(lr(RmMethod::R2m), 1e-3);
+        assert_eq!(lr(RmMethod::Oracle), cfg.r2m_lr);
+        // It survives experiment.toml.
+        assert_eq!(
+            toml::from_str::<OveroptConfig>(&cfg.to_toml()).unwrap(),
+            cfg
+        );
+        let bad: OveroptConfig =
+            toml::from_str(&toml.replace("oracle = [0, 1]", "iterative-head = [0]")).unwrap();
+        let e = bad.check().unwrap_err().to_string();
+        assert!(e.contains("method_seeds.iterative-head"), "{e}");
+    }
 
     #[test]
     fn agreement_counts_pairs_within_groups_only() {

@@ -63,12 +63,37 @@ pub enum FinishReason {
 pub struct Generation {
     /// New token ids (including the EOS that ended it, if any).
     pub tokens: Vec<u32>,
-    /// `log p(token)` under the sampling distribution (logits / temperature, before top-k/top-p;
-    /// the raw logits when greedy), one per token.
+    /// `log p(token)` under the model's distribution at the sampling temperature (logits /
+    /// temperature, before top-k/top-p and before `min_new_tokens`' EOS ban; the raw logits when
+    /// greedy), one per token: what a log-prob pass over the sequence computes.
     pub logprobs: Vec<f32>,
     /// Decoded completion without special tokens, cut at a stop string (when a tokenizer is given).
     pub text: Option<String>,
     pub finish: FinishReason,
+}
+
+/// What [`generate_keeping`] keeps of the decoding passes besides the tokens: the tensors a
+/// log-prob pass over the same sequences would compute, so that an RL step need not run it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Keep {
+    /// Keep the residual stream entering this block (the output of blocks `0..layer`).
+    pub stream_at: Option<usize>,
+    /// Keep the last-layer hidden states (after the final norm).
+    pub hidden: bool,
+}
+
+/// The tensors [`Keep`] asks for, over the positions the decoding passes fed: each row's
+/// left-padded prompt (`prompt_cols` columns) and then every sampled token but the last.
+/// Columns past a row's end (after its EOS) hold values of padding, which attention never reads.
+///
+/// # Shapes
+/// - `stream`, `hidden`: `[batch, prompt_cols + steps - 1, hidden]`, where `steps` is the longest
+///   row's token count
+#[derive(Debug, Clone)]
+pub struct Kept<B: Backend> {
+    pub stream: Option<Tensor<B, 3>>,
+    pub hidden: Option<Tensor<B, 3>>,
+    pub prompt_cols: usize,
 }
 
 /// Generate a completion for each prompt (token ids), in one batch.
@@ -78,10 +103,31 @@ pub fn generate<B: Backend>(
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
 ) -> Result<Vec<Generation>> {
+    Ok(generate_keeping(model, tokenizer, prompts, cfg, Keep::default())?.0)
+}
+
+/// [`generate`], also keeping what `keep` asks for of the decoding passes.
+///
+/// Rows with the same prompt (an RL step's K samples of one prompt) share its prefill: each
+/// distinct prompt runs through the model once, and its KV cache is then copied to every row
+/// that samples from it.
+pub fn generate_keeping<B: Backend>(
+    model: &CausalLm<B>,
+    tokenizer: Option<&Tokenizer>,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    keep: Keep,
+) -> Result<(Vec<Generation>, Kept<B>)> {
     let dev = model.device();
     let b = prompts.len();
+    let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
     if b == 0 {
-        return Ok(Vec::new());
+        let kept = Kept {
+            stream: None,
+            hidden: None,
+            prompt_cols: max_len,
+        };
+        return Ok((Vec::new(), kept));
     }
     let mut eos: Vec<u32> = cfg.eos_token_ids.clone();
     if eos.is_empty() {
@@ -89,17 +135,38 @@ pub fn generate<B: Backend>(
         eos.extend(tokenizer.and_then(Tokenizer::eos_id));
     }
     let pad = eos.first().copied().unwrap_or(0);
-    let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    // The distinct prompts, and which one each row samples from.
+    let mut distinct: Vec<&Vec<u32>> = Vec::new();
+    let mut first_of: std::collections::HashMap<&Vec<u32>, usize> = Default::default();
+    let of_row: Vec<usize> = prompts
+        .iter()
+        .map(|p| {
+            *first_of.entry(p).or_insert_with(|| {
+                distinct.push(p);
+                distinct.len() - 1
+            })
+        })
+        .collect();
     // Left padding: [pad .. pad, prompt].
-    let mut ids = Vec::with_capacity(b * max_len);
-    let mut valid = Vec::with_capacity(b);
-    for p in prompts {
-        let n_pad = max_len - p.len();
-        ids.extend(std::iter::repeat_n(pad as i64, n_pad));
-        ids.extend(p.iter().map(|&t| t as i64));
-        valid.push((0..max_len).map(|i| i >= n_pad).collect::<Vec<_>>());
-    }
-    let mut padding = Padding { valid };
+    let left_pad = |rows: &[&Vec<u32>]| {
+        let mut ids = Vec::with_capacity(rows.len() * max_len);
+        let mut valid = Vec::with_capacity(rows.len());
+        for p in rows {
+            let n_pad = max_len - p.len();
+            ids.extend(std::iter::repeat_n(pad as i64, n_pad));
+            ids.extend(p.iter().map(|&t| t as i64));
+            valid.push((0..max_len).map(|i| i >= n_pad).collect::<Vec<_>>());
+        }
+        (ids, Padding { valid })
+    };
+    let u = distinct.len();
+    let (ids, prefill_padding) = left_pad(&distinct);
+    let mut padding = Padding {
+        valid: of_row
+            .iter()
+            .map(|&i| prefill_padding.valid[i].clone())
+            .collect(),
+    };
     let mut cache = KvCache::with_capacity(model.config.num_layers, max_len + cfg.max_new_tokens);
     let mut rngs: Vec<StdRng> = (0..b)
         .map(|r| StdRng::seed_from_u64(cfg.seed ^ (r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)))
@@ -126,17 +193,79 @@ pub fn generate<B: Backend>(
         }
         Tensor::<B, 2>::from_data(TensorData::new(bias, [1, vocab]), (&dev, DType::F32))
     });
+    // The rows of a prefill's outputs, one per row that samples from them.
+    let row_index = Tensor::<B, 1, Int>::from_data(
+        TensorData::new(of_row.iter().map(|&i| i as i64).collect(), [b]),
+        &dev,
+    );
+    let expand = |t: Tensor<B, 3>| match u < b {
+        true => t.select(0, row_index.clone()),
+        false => t,
+    };
+    let (mut streams, mut hiddens) = (Vec::new(), Vec::new());
+    let n_layers = model.layers.len();
 
-    let mut input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, max_len]), &dev);
+    let mut input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [u, max_len]), &dev);
     for step in 0..cfg.max_new_tokens {
-        let hidden = model.forward_hidden(input, &padding, Some(&mut cache));
+        let x = model.embed(input);
+        let pad_now = if step == 0 {
+            &prefill_padding
+        } else {
+            &padding
+        };
+        let x = match keep.stream_at {
+            Some(l) => {
+                let x = model.forward_layers(x, pad_now, 0..l, Some(&mut cache));
+                streams.push(if step == 0 {
+                    expand(x.clone())
+                } else {
+                    x.clone()
+                });
+                model.forward_layers(x, pad_now, l..n_layers, Some(&mut cache))
+            }
+            None => model.forward_layers(x, pad_now, 0..n_layers, Some(&mut cache)),
+        };
+        let mut hidden = model.norm.forward(x);
+        if step == 0 {
+            // Every row continues from its prompt's cache.
+            if u < b {
+                cache = cache.select_rows(&of_row);
+            }
+            if keep.hidden {
+                hidden = expand(hidden);
+            } else {
+                let s = hidden.dims()[1];
+                hidden = expand(hidden.narrow(1, s - 1, 1));
+            }
+        }
+        if keep.hidden {
+            hiddens.push(hidden.clone());
+        }
         let s = hidden.dims()[1];
         let mut logits = model
             .lm_head(hidden.narrow(1, s - 1, 1))
             .reshape([b, vocab])
             .cast(FloatDType::F32);
+        // While EOS is banned, the log-probs recorded are still the model's (the ban's
+        // renormalisation taken out), as a log-prob pass over the sequence computes them.
+        let mut lp_shift = None;
         if step < cfg.min_new_tokens {
-            logits = logits + eos_ban.clone().expect("built when min_new_tokens > 0");
+            let ban = eos_ban.clone().expect("built when min_new_tokens > 0");
+            let t = if cfg.temperature > 0.0 {
+                cfg.temperature
+            } else {
+                1.0
+            };
+            let scaled = logits.clone().div_scalar(t);
+            let shift = log_sum_exp(scaled.clone() + ban.clone()) - log_sum_exp(scaled);
+            lp_shift = Some(
+                shift
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec::<f32>()
+                    .expect("f32"),
+            );
+            logits = logits + ban;
         }
         let picks: Vec<(u32, f32)> = if on_device {
             // One uniform per row still sampling, as `sample` draws.
@@ -172,7 +301,8 @@ pub fn generate<B: Backend>(
             let (tok, lp) = picks[r];
             let g = &mut out[r];
             g.tokens.push(tok);
-            g.logprobs.push(lp);
+            g.logprobs
+                .push(lp + lp_shift.as_ref().map_or(0.0, |s| s[r]));
             next.push(tok as i64);
             if eos.contains(&tok) {
                 done[r] = true;
@@ -207,7 +337,19 @@ pub fn generate<B: Backend>(
             g.text = Some(text);
         }
     }
-    Ok(out)
+    let cat = |parts: Vec<Tensor<B, 3>>| (!parts.is_empty()).then(|| Tensor::cat(parts, 1));
+    let kept = Kept {
+        stream: cat(streams),
+        hidden: cat(hiddens),
+        prompt_cols: max_len,
+    };
+    Ok((out, kept))
+}
+
+/// `log sum_j exp(x_ij)` of each row, `[batch, vocab]` -> `[batch, 1]`.
+fn log_sum_exp<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let max = x.clone().max_dim(1);
+    max.clone() + (x - max).exp().sum_dim(1).log()
 }
 
 /// Block length of the two-level prefix sum in [`sample_on_device`]: burn's GPU `cumsum` reads every

@@ -25,7 +25,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use config::{Architecture, ModelConfig};
-pub use generate::{generate, Generation, GenerationConfig};
+pub use generate::{generate, generate_keeping, Generation, GenerationConfig, Keep, Kept};
 pub use load::{load_gguf, load_hf_dir, load_model, save_hf_dir, Loaded};
 pub use model::{CausalLm, ForwardOutput, KvCache, Padding};
 pub use reward::{RewardModel, RewardOutput};

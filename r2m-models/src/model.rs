@@ -290,6 +290,30 @@ impl<B: Backend> KvCache<B> {
         self.len() == 0
     }
 
+    /// The cache of a new batch whose row `i` is row `rows[i]` of this one (rows may repeat): how
+    /// the K samples of a prompt continue from its one prefill.
+    pub fn select_rows(&self, rows: &[usize]) -> Self {
+        let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref().map(|(k, v)| {
+                    let i = Tensor::<B, 1, Int>::from_data(
+                        TensorData::new(idx.clone(), [rows.len()]),
+                        &k.device(),
+                    );
+                    (k.clone().select(0, i.clone()), v.clone().select(0, i))
+                })
+            })
+            .collect();
+        Self {
+            layers,
+            lens: self.lens.clone(),
+            capacity: self.capacity,
+        }
+    }
+
     /// The key length attention will see after appending `new` positions to `layer`.
     ///
     /// With a capacity, buffers start at twice what the first append needs and double when full,

@@ -166,6 +166,11 @@ pub struct RolloutConfig {
     pub top_p: Option<f32>,
     /// Rows generated in one batch.
     pub generation_batch_size: usize,
+    /// Run a separate forward pass of the old policy for its log-probs (and R2M's `h`, and the
+    /// frozen trunk's output) instead of keeping them from sampling. The step is on-policy, so
+    /// both give the same values within float rounding; the pass is the reference behaviour and
+    /// the check.
+    pub recompute_old_logprobs: bool,
 }
 
 impl Default for RolloutConfig {
@@ -179,6 +184,7 @@ impl Default for RolloutConfig {
             top_k: None,
             top_p: None,
             generation_batch_size: 64,
+            recompute_old_logprobs: false,
         }
     }
 }

@@ -19,6 +19,9 @@ pub struct UpdateStats {
     pub grad_norm: f64,
     pub lr: f64,
     pub optimizer_steps: usize,
+    /// Cells of the training passes' token grids, and how many of them are padding.
+    pub grid_cells: f64,
+    pub padding_cells: f64,
 }
 
 /// Seconds spent in each stage of a step.
@@ -59,6 +62,9 @@ pub struct StepMetrics {
     /// Mean pre-clip gradient norm over the step's optimizer steps.
     pub grad_norm: f64,
     pub lr: f64,
+    /// Share of padding in the token grids the training passes ran over.
+    #[serde(default)]
+    pub pad_share: f64,
     pub time_generate: f64,
     pub time_logprobs: f64,
     pub time_reward: f64,
@@ -129,6 +135,7 @@ impl StepMetrics {
             eos_frac: eos.count() as f64 / n,
             grad_norm: st.grad_norm / st.optimizer_steps.max(1) as f64,
             lr: st.lr,
+            pad_share: st.padding_cells / st.grid_cells.max(1.0),
             time_generate: times.generate,
             time_logprobs: times.logprobs,
             time_reward: times.reward,

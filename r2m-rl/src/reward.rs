@@ -16,7 +16,7 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use r2m_core::{R2mError, Result};
 use r2m_data::batches_by_tokens;
 use r2m_data::tokenize::encode_conversation;
-use r2m_models::{RewardModel, Tokenizer};
+use r2m_models::{Padding, RewardModel, Tokenizer};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::experience::{Experience, RewardInput};
@@ -308,35 +308,55 @@ impl<B: Backend> LearnedRm<B> {
         h.expect("requested")
     }
 
+    /// Rewards (and `H_last` with `keep_last`) of token sequences, in input order.
+    ///
+    /// Consecutive sequences that share a prefix of at least [`MIN_SHARED_PREFIX`] tokens (the K
+    /// responses to one prompt) encode it once: it runs through the model, and each sequence
+    /// continues from its KV cache. The rest run whole, batched by padded tokens.
     fn forward_sequences(
         &self,
         seqs: &[Vec<u32>],
         keep_last: bool,
     ) -> (Vec<f32>, Option<Tensor<B, 2>>) {
         let dev = self.model.backbone.device();
-        let mut order: Vec<usize> = (0..seqs.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
+        let groups = prefix_groups(seqs);
+        let (shared, alone): (Vec<_>, Vec<_>) = groups.into_iter().partition(|g| g.shared > 0);
         let mut out = vec![0f32; seqs.len()];
         let (mut lasts, mut done) = (Vec::new(), Vec::new());
-        for batch in batches_by_tokens(&order, |i| seqs[i].len(), 1, self.token_budget) {
-            let rows: Vec<&[u32]> = batch.iter().map(|&i| seqs[i].as_slice()).collect();
-            let (ids, padding, s) = pad_tokens(&rows, 0);
-            let o = self
-                .model
-                .forward(int_tensor::<B>(ids, [batch.len(), s], &dev), &padding);
+        let mut record = |rows: &[usize], o: r2m_models::reward::RewardOutput<B>| {
             let r: Vec<f32> = o
                 .rewards
                 .into_data()
                 .convert::<f32>()
                 .to_vec()
-                .expect("f32 rewards");
-            for (k, &i) in batch.iter().enumerate() {
+                .expect("f32");
+            for (k, &i) in rows.iter().enumerate() {
                 out[i] = r[k];
             }
             if keep_last {
                 lasts.push(o.last_hidden);
-                done.extend(batch);
+                done.extend_from_slice(rows);
             }
+        };
+        // Whole sequences, longest first.
+        let mut order: Vec<usize> = alone.iter().flat_map(|g| g.rows.clone()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
+        for batch in batches_by_tokens(&order, |i| seqs[i].len(), 1, self.token_budget) {
+            let rows: Vec<&[u32]> = batch.iter().map(|&i| seqs[i].as_slice()).collect();
+            let (ids, padding, s) = pad_tokens(&rows, 0);
+            let tokens = int_tensor::<B>(ids, [batch.len(), s], &dev);
+            record(&batch, self.model.forward(tokens, &padding));
+        }
+        // Shared prefixes: a batch of groups at a time, longest first.
+        let mut groups = shared;
+        groups.sort_by_key(|g| std::cmp::Reverse(g.shared));
+        let mut start = 0;
+        while start < groups.len() {
+            let end = self.prefix_batch_end(seqs, &groups, start);
+            let batch = &groups[start..end];
+            let rows: Vec<usize> = batch.iter().flat_map(|g| g.rows.clone()).collect();
+            record(&rows, self.forward_shared(seqs, batch));
+            start = end;
         }
         let last = keep_last.then(|| {
             // Back to input order.
@@ -349,6 +369,114 @@ impl<B: Backend> LearnedRm<B> {
         });
         (out, last)
     }
+
+    /// The end of the batch of prefix groups that starts at `start`: as many groups as fit the
+    /// token budget (at least one), counting the padded prefixes and the padded continuations.
+    fn prefix_batch_end(&self, seqs: &[Vec<u32>], groups: &[PrefixGroup], start: usize) -> usize {
+        let (mut prefix, mut rest, mut rows) = (0usize, 0usize, 0usize);
+        let mut end = start;
+        while end < groups.len() {
+            let g = &groups[end];
+            let p = prefix.max(g.shared);
+            let r = (g.rows.iter())
+                .map(|&i| seqs[i].len() - g.shared)
+                .fold(rest, usize::max);
+            let n = rows + g.rows.len();
+            if end > start && (end - start + 1) * p + n * r > self.token_budget {
+                break;
+            }
+            (prefix, rest, rows, end) = (p, r, n, end + 1);
+        }
+        end
+    }
+
+    /// One batch of prefix groups: each shared prefix runs through the model once; each row then
+    /// continues from its group's KV cache. Returns the rows' outputs, groups in order.
+    fn forward_shared(
+        &self,
+        seqs: &[Vec<u32>],
+        groups: &[PrefixGroup],
+    ) -> r2m_models::reward::RewardOutput<B> {
+        let body = &self.model.backbone;
+        let (dev, n_layers) = (body.device(), body.layers.len());
+        let prefixes: Vec<&[u32]> = groups
+            .iter()
+            .map(|g| &seqs[g.rows[0]][..g.shared])
+            .collect();
+        let (ids, prefix_pad, ps) = pad_tokens(&prefixes, 0);
+        let mut cache = r2m_models::KvCache::new(n_layers);
+        let x = body.embed(int_tensor::<B>(ids, [groups.len(), ps], &dev));
+        body.forward_layers(x, &prefix_pad, 0..n_layers, Some(&mut cache));
+        let (mut of_row, mut rests) = (Vec::new(), Vec::new());
+        for (gi, g) in groups.iter().enumerate() {
+            for &i in &g.rows {
+                of_row.push(gi);
+                rests.push(&seqs[i][g.shared..]);
+            }
+        }
+        let mut cache = cache.select_rows(&of_row);
+        let (ids, rest_pad, rs) = pad_tokens(&rests, 0);
+        let padding = Padding {
+            valid: (of_row.iter().zip(&rest_pad.valid))
+                .map(|(&gi, r)| [prefix_pad.valid[gi].as_slice(), r].concat())
+                .collect(),
+        };
+        let x = body.embed(int_tensor::<B>(ids, [rests.len(), rs], &dev));
+        let x = body.forward_layers(x, &padding, 0..n_layers, Some(&mut cache));
+        let last = r2m_models::reward::gather_last(x, &rest_pad);
+        let [b, d] = last.dims();
+        let last_hidden = body.norm.forward(last.reshape([b, 1, d])).reshape([b, d]);
+        r2m_models::reward::RewardOutput {
+            rewards: self.model.score_hidden(last_hidden.clone()),
+            last_hidden,
+        }
+    }
+}
+
+/// Shortest prefix worth sharing between consecutive sequences, in tokens.
+pub const MIN_SHARED_PREFIX: usize = 16;
+
+/// Consecutive sequences that start with the same `shared` tokens (0: a sequence alone).
+#[derive(Debug, Clone, PartialEq)]
+struct PrefixGroup {
+    rows: Vec<usize>,
+    shared: usize,
+}
+
+/// Split `seqs`, in order, into runs that share a prefix of at least [`MIN_SHARED_PREFIX`]
+/// tokens, and at least half of what the run shared before the sequence joined. A group's
+/// `shared` leaves at least one token of each sequence to continue with.
+fn prefix_groups(seqs: &[Vec<u32>]) -> Vec<PrefixGroup> {
+    let common = |a: &[u32], b: &[u32]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let mut groups: Vec<PrefixGroup> = Vec::new();
+    for (i, s) in seqs.iter().enumerate() {
+        if let Some(g) = groups.last_mut() {
+            let first = &seqs[g.rows[0]];
+            let so_far = match g.rows.len() {
+                1 => first.len().saturating_sub(1),
+                _ => g.shared,
+            };
+            let shared = common(first, s).min(so_far).min(s.len().saturating_sub(1));
+            // A sequence that shares only part of the group's prefix (a chat template's system
+            // prompt, when the prompts differ) starts a group of its own instead of shrinking it.
+            let keeps_most = g.rows.len() == 1 || 2 * shared >= g.shared;
+            if shared >= MIN_SHARED_PREFIX && keeps_most {
+                g.shared = shared;
+                g.rows.push(i);
+                continue;
+            }
+        }
+        groups.push(PrefixGroup {
+            rows: vec![i],
+            shared: 0,
+        });
+    }
+    for g in &mut groups {
+        if g.rows.len() < 2 {
+            g.shared = 0;
+        }
+    }
+    groups
 }
 
 impl<B: Backend> RewardFn for LearnedRm<B> {
@@ -368,6 +496,41 @@ impl<B: Backend> RewardFn for LearnedRm<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn consecutive_sequences_with_a_long_common_prefix_share_it() {
+        let prefix: Vec<u32> = (100..120).collect(); // 20 tokens
+        let with = |tail: &[u32]| [prefix.as_slice(), tail].concat();
+        let seqs = vec![
+            with(&[1, 2, 3]),
+            with(&[1, 2, 9, 9]),
+            with(&[7]),
+            (0..30).collect(), // alone: nothing in common with its neighbours
+            prefix.clone(),    // a whole sequence is the prefix: one token left to continue with
+            with(&[5]),
+            (100..110).collect(), // 10 tokens in common: too short to share
+            // Two prompts after a common 20-token system prompt, two replies each: two groups,
+            // not one sharing the system prompt.
+            [prefix.as_slice(), &[1; 30], &[2]].concat(),
+            [prefix.as_slice(), &[1; 30], &[3]].concat(),
+            [prefix.as_slice(), &[4; 30], &[2]].concat(),
+            [prefix.as_slice(), &[4; 30], &[3]].concat(),
+        ];
+        let groups = prefix_groups(&seqs);
+        let rows_shared: Vec<(Vec<usize>, usize)> =
+            groups.into_iter().map(|g| (g.rows, g.shared)).collect();
+        assert_eq!(
+            rows_shared,
+            vec![
+                (vec![0, 1, 2], 20),
+                (vec![3], 0),
+                (vec![4, 5], 19),
+                (vec![6], 0),
+                (vec![7, 8], 50),
+                (vec![9, 10], 50)
+            ]
+        );
+    }
 
     #[test]
     fn rules_parse_and_score() {

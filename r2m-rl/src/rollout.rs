@@ -1,7 +1,12 @@
-//! The rollout stage (spec §3 steps 1-3): sample K responses per prompt from the policy snapshot,
-//! then one forward pass of the old policy for its log-probs, its last-layer hidden states `h`
-//! and (with `top:N`) the frozen trunk's output, one of the frozen reference for its log-probs,
-//! and PPO's critic for its values. Everything lands in an [`Experience`].
+//! The rollout stage (spec §3 steps 1-3): sample K responses per prompt from the policy snapshot
+//! `pi_old`, keeping from the decoding passes what the later stages need of `pi_old`: its
+//! log-probs, its last-layer hidden states `h` (R2M) and, with `top:N`, the frozen trunk's output
+//! (the step is on-policy: the sampling weights are the old weights). Then one forward pass of the
+//! frozen reference for its log-probs, and PPO's critic for its values. Everything lands in an
+//! [`Experience`].
+//!
+//! `rollout.recompute_old_logprobs = true` runs a separate old-policy pass over the sampled
+//! sequences instead ([`old_and_ref_pass`]): the reference behaviour, equal within float rounding.
 //!
 //! The forward-pass helpers here ([`final_hidden`], [`response_hidden`], [`response_logprobs`])
 //! are shared with the policy update ([`crate::update`]).
@@ -11,7 +16,10 @@ use burn::tensor::{backend::Backend, Int, Tensor};
 use r2m_core::tensor::{entropy, gather_log_probs, pick_targets};
 use r2m_core::{R2mError, Result};
 use r2m_models::Tokenizer;
-use r2m_models::{fused, generate, CausalLm, Generation, GenerationConfig, Padding, RewardModel};
+use r2m_models::{
+    fused, generate_keeping, CausalLm, Generation, GenerationConfig, Keep, Kept, Padding,
+    RewardModel,
+};
 
 use crate::experience::{Experience, RowSlice};
 use crate::prompt::Prompt;
@@ -42,12 +50,15 @@ pub struct RolloutOptions {
     pub micro_batch_size: usize,
     /// Keep the old policy's hidden states `h` (R2M).
     pub keep_hidden: bool,
+    /// Run a separate old-policy pass instead of keeping its outputs from sampling.
+    pub recompute_old: bool,
     /// The padding id of the token grid.
     pub pad: u32,
 }
 
-/// Sample `k` responses to each prompt and run the old-policy, reference and critic passes.
-/// Returns the experience and the seconds spent sampling.
+/// Sample `k` responses to each prompt, keep the old policy's log-probs, `h` and frozen stream
+/// from sampling (or, with `recompute_old`, run the old-policy pass), and run the reference and
+/// critic passes. Returns the experience and the seconds spent sampling.
 pub fn rollout<B: Backend>(
     models: &RolloutModels<'_, B>,
     prompts: Vec<Prompt>,
@@ -60,10 +71,26 @@ pub fn rollout<B: Backend>(
     }
     let t0 = std::time::Instant::now();
     let rows: Vec<usize> = (0..prompts.len() * k).map(|r| r / k).collect();
-    let gens = sample(models, &prompts, &rows, opts, seed)?;
+    let keep = Keep {
+        stream_at: (models.start_layer > 0 && !opts.recompute_old).then_some(models.start_layer),
+        hidden: opts.keep_hidden && !opts.recompute_old,
+    };
+    let (gens, kept) = sample_keeping(models, &prompts, &rows, opts, seed, keep)?;
     let gen_secs = t0.elapsed().as_secs_f64();
     let mut exp = Experience::new(prompts, k, gens, opts.pad);
-    old_and_ref_pass(models, &mut exp, opts);
+    if opts.recompute_old {
+        old_and_ref_pass(models, &mut exp, opts);
+    } else {
+        exp.old_logprobs = exp.responses.iter().map(|g| g.logprobs.clone()).collect();
+        let parts = |f: fn(&Kept<B>) -> Option<Tensor<B, 3>>| {
+            (kept.iter())
+                .map(|k| f(k).map(|t| (t, k.prompt_cols)))
+                .collect::<Option<Vec<_>>>()
+        };
+        exp.stream = parts(|k| k.stream.clone()).map(|p| on_grid(&exp, p));
+        exp.hidden = parts(|k| k.hidden.clone()).map(|p| on_grid(&exp, p));
+        reference_pass(models, &mut exp, opts);
+    }
     Ok((exp, gen_secs))
 }
 
@@ -76,16 +103,61 @@ pub fn sample<B: Backend>(
     opts: &RolloutOptions,
     seed: u64,
 ) -> Result<Vec<Generation>> {
-    let mut out = Vec::with_capacity(rows.len());
+    Ok(sample_keeping(models, prompts, rows, opts, seed, Keep::default())?.0)
+}
+
+/// [`sample`], keeping what `keep` asks for of each generation batch's decoding passes.
+fn sample_keeping<B: Backend>(
+    models: &RolloutModels<'_, B>,
+    prompts: &[Prompt],
+    rows: &[usize],
+    opts: &RolloutOptions,
+    seed: u64,
+    keep: Keep,
+) -> Result<(Vec<Generation>, Vec<Kept<B>>)> {
+    let (mut out, mut kept) = (Vec::with_capacity(rows.len()), Vec::new());
     for (chunk, idx) in rows.chunks(opts.generation_batch_size.max(1)).enumerate() {
         let ids: Vec<Vec<u32>> = idx.iter().map(|&i| prompts[i].ids.clone()).collect();
         let cfg = GenerationConfig {
             seed: step_seed(seed, chunk, stream::GENERATION_BATCH),
             ..opts.generation.clone()
         };
-        out.extend(generate(models.old, models.tokenizer, &ids, &cfg)?);
+        let (gens, k) = generate_keeping(models.old, models.tokenizer, &ids, &cfg, keep)?;
+        out.extend(gens);
+        kept.push(k);
     }
-    Ok(out)
+    Ok((out, kept))
+}
+
+/// Lay tensors kept by the generation batches (in row order, each `[batch, prompt_cols + steps -
+/// 1, d]` with its own prompt padding) out on the experience's grid, `[rows, P + R - 1, d]`:
+/// each batch's columns shift right by the difference of prompt paddings, and the columns no row
+/// of a batch reached are zeros (padding, which attention never reads).
+fn on_grid<B: Backend>(exp: &Experience<B>, parts: Vec<(Tensor<B, 3>, usize)>) -> Tensor<B, 3> {
+    let width = exp.prompt_cols + exp.response_cols - 1;
+    let rows: Vec<Tensor<B, 3>> = parts
+        .into_iter()
+        .map(|(t, prompt_cols)| {
+            let [b, w, d] = t.dims();
+            let left = exp.prompt_cols - prompt_cols;
+            let right = width - left - w;
+            let zeros = |n: usize| Tensor::<B, 3>::zeros([b, n, d], &t.device());
+            let mut cols = Vec::with_capacity(3);
+            if left > 0 {
+                cols.push(zeros(left));
+            }
+            cols.push(t.clone());
+            if right > 0 {
+                cols.push(zeros(right));
+            }
+            if cols.len() == 1 {
+                t
+            } else {
+                Tensor::cat(cols, 1)
+            }
+        })
+        .collect();
+    Tensor::cat(rows, 0)
 }
 
 fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
@@ -93,7 +165,8 @@ fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 }
 
 /// One pass of the old policy (log-probs, `h`, the frozen stream), one of the reference and one
-/// of the critic, in micro-batches over the full grid.
+/// of the critic, in micro-batches over the full grid: what `recompute_old_logprobs = true` runs,
+/// and how ReMax's greedy responses get their `h`.
 pub fn old_and_ref_pass<B: Backend>(
     models: &RolloutModels<'_, B>,
     exp: &mut Experience<B>,
@@ -141,6 +214,46 @@ pub fn old_and_ref_pass<B: Backend>(
     exp.values = models.critic.is_some().then_some(values);
     exp.stream = (!streams.is_empty()).then(|| Tensor::cat(streams, 0));
     exp.hidden = (!hiddens.is_empty()).then(|| Tensor::cat(hiddens, 0));
+}
+
+/// The reference's log-probs and the critic's values over an experience whose old-policy
+/// outputs are already in it. With a frozen trunk, both start from its kept output. Rows go
+/// through in micro-batches of similar length, each over only the columns its rows need.
+pub fn reference_pass<B: Backend>(
+    models: &RolloutModels<'_, B>,
+    exp: &mut Experience<B>,
+    opts: &RolloutOptions,
+) {
+    let dev = models.reference.device();
+    let temp = opts.generation.temperature;
+    let mut rows: Vec<usize> = (0..exp.rows()).collect();
+    rows.sort_by_key(|&r| (exp.prompt_of(r).ids.len(), exp.response_len(r)));
+    let mut ref_lp = vec![Vec::new(); exp.rows()];
+    let mut values = vec![Vec::new(); exp.rows()];
+    for chunk in rows.chunks(opts.micro_batch_size.max(1)) {
+        let s = exp.slice(chunk);
+        let padding = exp.input_padding(&s);
+        let targets = exp.targets::<B>(&s, &dev);
+        let stream = exp.stream_of(&s);
+        let start = |m: &CausalLm<B>| match &stream {
+            Some(x) => final_hidden(m, Start::Stream(x.clone(), models.start_layer), &padding),
+            None => final_hidden(m, Start::Tokens(exp.input_ids::<B>(&s, &dev)), &padding),
+        };
+        let h = response_hidden(start(models.reference), &s, exp.prompt_cols);
+        let (lp, _) = response_logprobs(models.reference, h, targets, temp, false);
+        for (&r, v) in chunk.iter().zip(exp.split_rows(&s, &to_vec(lp))) {
+            ref_lp[r] = v;
+        }
+        if let Some(c) = models.critic {
+            let hc = response_hidden(start(&c.backbone), &s, exp.prompt_cols);
+            let v = c.score.forward(hc).squeeze_dim::<2>(2);
+            for (&r, v) in chunk.iter().zip(exp.split_rows(&s, &to_vec(v))) {
+                values[r] = v;
+            }
+        }
+    }
+    exp.ref_logprobs = ref_lp;
+    exp.values = models.critic.is_some().then_some(values);
 }
 
 /// Where a forward pass starts.

@@ -33,7 +33,9 @@ use crate::reward::RolloutReward;
 use crate::reward_training::Trainable;
 use crate::rollout::{self, RolloutModels, RolloutOptions};
 use crate::seed::{step_seed, stream};
-use crate::update::{optimizer_step, policy_loss, value_loss, LossSettings, MicroBatch};
+use crate::update::{
+    grid_padding, micro_batches, optimizer_step, policy_loss, value_loss, LossSettings, MicroBatch,
+};
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
@@ -181,6 +183,7 @@ impl<B: AutodiffBackend> RlTrainer<B> {
             generation_batch_size: self.cfg.rollout.generation_batch_size,
             micro_batch_size: self.cfg.optim.micro_batch_size,
             keep_hidden: self.keep_hidden,
+            recompute_old: self.cfg.rollout.recompute_old_logprobs,
             pad: self.pad,
         }
     }
@@ -370,8 +373,11 @@ impl<B: AutodiffBackend> RlTrainer<B> {
         let minibatch_tokens: usize = rows.iter().map(|&r| exp.response_len(r)).sum();
         let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
         let mut critic_acc = GradientsAccumulator::<RewardModel<B>>::new();
-        for micro in rows.chunks(self.cfg.optim.micro_batch_size) {
-            let mb = MicroBatch::<B>::new(exp, micro, minibatch_tokens, rows.len(), &dev);
+        for micro in micro_batches(exp, rows, self.cfg.optim.micro_batch_size, true) {
+            let (cells, padding) = grid_padding(exp, &micro);
+            st.grid_cells += cells as f64;
+            st.padding_cells += padding as f64;
+            let mb = MicroBatch::<B>::new(exp, &micro, minibatch_tokens, rows.len(), &dev);
             let pl = policy_loss(&self.policy, mb.start(self.start_layer), &mb, &settings);
             let loss = scalar(pl.loss.clone());
             if !loss.is_finite() {

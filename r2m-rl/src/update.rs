@@ -13,7 +13,7 @@
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{GradientsParams, Optimizer};
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
 use r2m_core::optim::clip_grad_norm;
 use r2m_models::{CausalLm, RewardModel};
@@ -25,6 +25,33 @@ use crate::policy_loss::{aggregate, clipped_surrogate, kl_estimate, Clip, KlMode
 use crate::rollout::{final_hidden, response_hidden, response_logprobs, Start};
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+
+/// The micro-batches of one mini-batch: its rows sorted by length, so that each micro-batch
+/// pads little, in chunks of `micro` (with `sort` off, in the order given). Exact either way: the
+/// loss sums over the mini-batch's tokens and divides by their count, whatever the grouping.
+pub fn micro_batches<B: Backend>(
+    exp: &Experience<B>,
+    rows: &[usize],
+    micro: usize,
+    sort: bool,
+) -> Vec<Vec<usize>> {
+    let mut rows = rows.to_vec();
+    if sort {
+        rows.sort_by_key(|&r| (exp.prompt_of(r).ids.len(), exp.response_len(r)));
+    }
+    rows.chunks(micro.max(1)).map(<[usize]>::to_vec).collect()
+}
+
+/// Cells of the `[rows, columns]` grid a forward pass over `rows` runs on, and how many of them
+/// are padding.
+pub fn grid_padding<B: Backend>(exp: &Experience<B>, rows: &[usize]) -> (usize, usize) {
+    let s = exp.slice(rows);
+    let cells = rows.len() * (s.hi - 1 - s.lo);
+    let real: usize = (rows.iter())
+        .map(|&r| exp.prompt_of(r).ids.len() + exp.response_len(r) - 1)
+        .sum();
+    (cells, cells - real)
+}
 
 /// One micro-batch of an experience, with what its losses are normalised by.
 pub struct MicroBatch<'a, B: AutodiffBackend> {

@@ -41,6 +41,46 @@ fn right_padded<B: burn::tensor::backend::Backend>(
     )
 }
 
+/// Sequences that share a prompt (an RL step's K responses) encode it once and continue from its
+/// KV cache: the same rewards and `H_last` as each sequence alone, whatever the padding.
+#[test]
+fn shared_prompt_prefixes_score_what_each_sequence_scores_alone() {
+    let rm = r2m_rl::LearnedRm::<TB> {
+        model: tiny_rm::<TB>(&device()),
+        tokenizer: None,
+        token_budget: 64,
+        name: "tiny".into(),
+    };
+    let prompt = |n: usize, salt: u32| (0..n as u32).map(move |i| 3 + (i * 7 + salt) % 200);
+    let mut seqs: Vec<Vec<u32>> = Vec::new();
+    for (len, salt, tails) in [(24, 0, 3), (17, 5, 2), (40, 9, 4), (30, 11, 1)] {
+        for t in 0..tails {
+            let tail = (0..2 + 3 * t as u32).map(move |i| 50 + (i * 13 + t as u32) % 150);
+            seqs.push(prompt(len, salt).chain(tail).collect());
+        }
+    }
+    let scores = rm.score_sequences(&seqs);
+    let last = to_vec(rm.last_hidden(&seqs));
+    let d = rm.model.backbone.config.hidden_size;
+    for (i, s) in seqs.iter().enumerate() {
+        let (ids, pad) = right_padded::<TB>(std::slice::from_ref(s), &device());
+        let alone = rm.model.forward(ids, &pad);
+        let r = to_vec(alone.rewards)[0];
+        assert!(
+            (r - scores[i]).abs() < 1e-5,
+            "row {i}: {r} vs {}",
+            scores[i]
+        );
+        let h = to_vec(alone.last_hidden);
+        let diff = max_abs_diff(&h, &last[i * d..(i + 1) * d]);
+        assert!(diff < 1e-5, "row {i}: H_last differs by {diff}");
+    }
+    assert!(
+        (scores[0] - scores[1]).abs() > 1e-6,
+        "different replies, different rewards"
+    );
+}
+
 #[test]
 fn reward_is_read_at_the_last_real_token_and_survives_save_reload() {
     let rm = tiny_rm::<TB>(&device());

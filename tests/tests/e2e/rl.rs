@@ -4,11 +4,12 @@
 use std::collections::HashMap;
 
 use burn::module::AutodiffModule;
-use r2m_models::{load_gguf, load_hf_dir, CausalLm, ChatMessage};
+use r2m_models::{load_gguf, load_hf_dir, CausalLm, ChatMessage, RewardModel, Tokenizer};
 use r2m_rl::advantage::AdvantageKind;
 use r2m_rl::config::{RewardKind, RewardSection};
 use r2m_rl::rollout::recompute_logprobs;
-use r2m_rl::{Prompt, RlConfig, RlTrainer, RuleReward};
+use r2m_rl::RuleReward;
+use r2m_rl::{Experience, LearnedRm, Prompt, R2mReward, RlConfig, RlTrainer, RolloutReward};
 
 use crate::common::*;
 
@@ -57,6 +58,7 @@ fn sampled_logprobs_equal_the_old_policy_pass_and_a_recomputation() {
         cfg.rollout.temperature = 0.7;
         cfg.rollout.samples_per_prompt = 3;
         cfg.rollout.max_new_tokens = 12;
+        cfg.rollout.recompute_old_logprobs = true;
         let trainer = RlTrainer::new(tiny_policy(), None, cfg).unwrap();
         let (rollout, _) = trainer.rollout(tiny_prompts(3), 7).unwrap();
         assert_eq!(rollout.rows(), 9);
@@ -100,12 +102,163 @@ fn smollm2_sampled_logprobs_equal_the_old_policy_pass() {
     cfg.rollout.samples_per_prompt = 2;
     cfg.rollout.max_new_tokens = 12;
     cfg.rollout.temperature = 0.7;
+    cfg.rollout.recompute_old_logprobs = true;
     let trainer = RlTrainer::new(loaded.model, Some(tok), cfg).unwrap();
     let (rollout, _) = trainer.rollout(prompts, 3).unwrap();
     for row in 0..rollout.rows() {
         let d = max_abs_diff(&rollout.responses[row].logprobs, &rollout.old_logprobs[row]);
         assert!(d < 1e-4, "row {row}: {d}");
     }
+}
+
+/// `t`'s values at the real (non-padding) positions of `exp`'s input columns.
+fn at_real_positions(exp: &Experience<TB>, t: &burn::tensor::Tensor<TB, 3>) -> Vec<f32> {
+    let [rows, cols, d] = t.dims();
+    let v = to_vec(t.clone());
+    (0..rows)
+        .flat_map(|r| (0..cols).map(move |c| (r, c)))
+        .filter(|&(r, c)| exp.padding.valid[r][c])
+        .flat_map(|(r, c)| v[(r * cols + c) * d..(r * cols + c + 1) * d].to_vec())
+        .collect()
+}
+
+/// One RL step with the old policy's outputs kept from sampling, and one with the separate
+/// old-policy pass, from the same weights and seed: the same tokens, log-probs, `h`, frozen
+/// stream, scores, advantages and losses within `tol` (hidden states relative to their largest
+/// value), and the same weight updates within 1% of their norm.
+pub(crate) fn assert_old_pass_is_redundant(
+    policy: CausalLm<AB>,
+    tok: Option<Tokenizer>,
+    prompts: &[Prompt],
+    cfg: &RlConfig,
+    reward: &dyn Fn() -> Box<dyn RolloutReward<TB>>,
+    tol: f32,
+) {
+    let run = |recompute: bool| {
+        let mut c = cfg.clone();
+        c.rollout.recompute_old_logprobs = recompute;
+        let mut trainer = RlTrainer::new(policy.clone(), tok.clone(), c).unwrap();
+        let (m, exp) = trainer.step(prompts.to_vec(), reward().as_mut()).unwrap();
+        (m, exp, weights(&trainer.policy))
+    };
+    let (m_pass, pass, w_pass) = run(true);
+    let (m_kept, kept, w_kept) = run(false);
+    let what = format!(
+        "{} k={}",
+        cfg.model.trainable, cfg.rollout.samples_per_prompt
+    );
+    for row in 0..pass.rows() {
+        assert_eq!(pass.responses[row].tokens, kept.responses[row].tokens);
+        for (name, a, b) in [
+            (
+                "old log-probs",
+                &pass.old_logprobs[row],
+                &kept.old_logprobs[row],
+            ),
+            (
+                "ref log-probs",
+                &pass.ref_logprobs[row],
+                &kept.ref_logprobs[row],
+            ),
+            ("advantages", &pass.advantages[row], &kept.advantages[row]),
+        ] {
+            let d = max_abs_diff(a, b);
+            assert!(d < tol, "{what} row {row}: {name} differ by {d}");
+        }
+    }
+    let d = max_abs_diff(&pass.scores, &kept.scores);
+    assert!(d < tol, "{what}: scores differ by {d}");
+    for (name, a, b) in [
+        ("h", &pass.hidden, &kept.hidden),
+        ("stream", &pass.stream, &kept.stream),
+    ] {
+        assert_eq!(a.is_some(), b.is_some(), "{what}: {name}");
+        if let (Some(a), Some(b)) = (a, b) {
+            // Hidden states are large (final-norm weights scale them): relative to the largest.
+            let (a, b) = (at_real_positions(&pass, a), at_real_positions(&pass, b));
+            let scale = a.iter().fold(1f32, |m, x| m.max(x.abs()));
+            let d = max_abs_diff(&a, &b) / scale;
+            assert!(
+                d < tol,
+                "{what}: {name} differs by {d} of its largest value {scale}"
+            );
+        }
+    }
+    for (name, a, b) in [
+        ("policy loss", m_pass.policy_loss, m_kept.policy_loss),
+        ("kl loss", m_pass.kl_loss, m_kept.kl_loss),
+        ("entropy", m_pass.entropy, m_kept.entropy),
+        ("grad norm", m_pass.grad_norm, m_kept.grad_norm),
+    ] {
+        let d = (a - b).abs();
+        assert!(
+            d < tol as f64 * a.abs().max(1.0),
+            "{what}: {name} {a} vs {b}"
+        );
+    }
+    // Adam divides each gradient element by its own magnitude, so an element whose gradient is
+    // at the level of float rounding may step either way: the updates are compared as vectors.
+    let w0 = weights(&policy);
+    let mut moved = 0;
+    for (name, a) in &w_pass {
+        let (b, w0) = (&w_kept[name], &w0[name]);
+        let norm = |v: &mut dyn Iterator<Item = f32>| v.map(|x| x * x).sum::<f32>().sqrt();
+        let update = norm(&mut a.iter().zip(w0).map(|(x, y)| x - y));
+        let gap = norm(&mut a.iter().zip(b).map(|(x, y)| x - y));
+        assert!(
+            gap <= 1e-2 * update + 1e-7,
+            "{what}: {name}: the updates differ by {gap} (update norm {update})"
+        );
+        moved += usize::from(update > 0.0);
+    }
+    assert!(moved > 0, "{what}: the step moved no weight");
+}
+
+#[test]
+fn smollm2_step_without_the_old_pass_equals_the_step_with_it() {
+    use r2m_rl::config::{R2mConfig, RmMethod};
+    let path = r2m_models::hub::fetch_smollm2(&mut |m| eprintln!("{m}")).unwrap();
+    let loaded = load_gguf::<AB>(&path, &device()).unwrap();
+    let tok = loaded.tokenizer.clone().unwrap();
+    let prompts: Vec<Prompt> = [
+        "What is the capital of France?",
+        "Name a fruit that is red.",
+    ]
+    .iter()
+    .map(|q| Prompt {
+        ids: tok.encode_user_turn(q).unwrap(),
+        messages: Some(vec![ChatMessage::user(*q)]),
+    })
+    .collect();
+    let mut cfg = rule_config(AdvantageKind::Rloo, "top:2");
+    cfg.rollout.samples_per_prompt = 2;
+    cfg.rollout.max_new_tokens = 10;
+    cfg.rollout.min_new_tokens = 10;
+    cfg.rollout.temperature = 0.7;
+    cfg.optim.lr = 1e-4;
+    cfg.optim.mini_batch_size = 4;
+    cfg.optim.micro_batch_size = 2;
+    cfg.r2m.method = RmMethod::R2m;
+    cfg.reward = RewardSection {
+        kind: RewardKind::Model,
+        model: Some("unused: the reward is built below".into()),
+        ..Default::default()
+    };
+    let body = smollm2().model.clone();
+    let r2m = || -> Box<dyn RolloutReward<TB>> {
+        let rm = LearnedRm {
+            model: RewardModel::from_backbone(body.clone(), 5),
+            tokenizer: Some(tok.clone()),
+            token_budget: 4096,
+            name: "smollm2 + seeded head".into(),
+        };
+        let cfg = R2mConfig {
+            method: RmMethod::R2m,
+            ..Default::default()
+        };
+        Box::new(R2mReward::<AB>::new(rm, 576, cfg))
+    };
+    assert_old_pass_is_redundant(loaded.model, Some(tok.clone()), &prompts, &cfg, &r2m, 1e-4);
 }
 
 #[test]

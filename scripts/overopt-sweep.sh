@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The over-optimization sweep (issue 27), in the regime where vanilla over-optimizes (setting D
+# of scripts/overopt-regime.sh). Resumable: rerun it and finished runs are skipped, an
+# interrupted one continues from its last checkpoint.
+#
+#   nohup scripts/overopt-sweep.sh runs/sweep > runs/sweep.log 2>&1 &
+#
+# 1. Tuning (configs/overopt/tune.toml): R2M and iterative-head on seed 100, r2m.lr in
+#    {1e-4, 1e-3}, one experiment per value (ROOT/tune-lr*).
+# 2. The final sweep (configs/overopt/sweep.toml, which holds the tuned values; written once
+#    tuning has finished): every method on the evaluation seeds, in ROOT/final.
+#
+# Every experiment uses the same proxy RM (same data seed and proxy settings): the first one
+# found under runs/regime or ROOT is copied, so only the RL runs differ.
+set -euo pipefail
+root=${1:-runs/sweep}
+r2m=${R2M:-target/release/r2m}
+mkdir -p "$root"
+
+proxy_src=""
+for d in runs/regime/D-top4-lr1e-4-kl0-80steps "$root"/tune-lr1e-4; do
+  if [ -f "$d/proxy-rm/config.json" ] || [ -f "$d/proxy-rm/reward_head.json" ]; then proxy_src=$d; break; fi
+done
+
+# experiment NAME CONFIG [flags...]: run (or resume) one experiment directory under ROOT.
+experiment() {
+  local name=$1 config=$2; shift 2
+  local exp="$root/$name"
+  if [ -f "$exp/report.json" ] && [ -f "$exp/done" ]; then echo "== $name: done"; return; fi
+  if [ -n "$proxy_src" ] && [ ! -d "$exp/proxy-rm" ]; then
+    mkdir -p "$exp"
+    cp -r "$proxy_src/proxy-rm" "$proxy_src/rm-pairs.jsonl" "$proxy_src/rm-eval-pairs.jsonl" "$exp/"
+  fi
+  echo "== $name: $(date -u +%FT%TZ)"
+  if [ -f "$exp/experiment.toml" ]; then
+    "$r2m" experiment overopt --resume "$exp"
+  else
+    "$r2m" experiment overopt --config "$config" --out "$exp" "$@"
+  fi
+  touch "$exp/done"
+  echo "== $name: finished $(date -u +%FT%TZ)"
+}
+
+experiment tune-lr1e-4 configs/overopt/tune.toml --set r2m.lr=1e-4
+experiment tune-lr1e-3 configs/overopt/tune.toml --set r2m.lr=1e-3
+
+if [ ! -f configs/overopt/sweep.toml ]; then
+  echo "== tuning finished; write configs/overopt/sweep.toml with the tuned values, then rerun"
+  exit 0
+fi
+# Vanilla on seed 0 is setting D of the regime search (same settings, same seed): reuse it.
+d_run=runs/regime/D-top4-lr1e-4-kl0-80steps/runs/vanilla-seed0
+if [ -f "$d_run/done.json" ] && [ ! -d "$root/final/runs/vanilla-seed0" ]; then
+  mkdir -p "$root/final/runs"
+  cp -r "$d_run" "$root/final/runs/"
+fi
+experiment final configs/overopt/sweep.toml
