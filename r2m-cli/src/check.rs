@@ -149,7 +149,7 @@ pub fn run<B: Backend>(fixtures: &Path, device: &B::Device, backend: &str) -> Re
                 .iter_mut()
                 .map(|g| if temperature > 0.0 { g.random() } else { 0.0 })
                 .collect();
-            let (toks, lps) = sample_on_device(logits.clone(), temperature, &u);
+            let (toks, lps) = sample_on_device(logits.clone(), temperature, &u, None);
             for r in 0..b {
                 let (tok, lp) = sample(&data[r * vocab..(r + 1) * vocab], &cfg, &mut host[r]);
                 same += usize::from(tok == toks[r]);

@@ -147,20 +147,17 @@ pub fn generate_keeping<B: Backend>(
             })
         })
         .collect();
-    // Left padding: [pad .. pad, prompt].
-    let left_pad = |rows: &[&Vec<u32>]| {
-        let mut ids = Vec::with_capacity(rows.len() * max_len);
-        let mut valid = Vec::with_capacity(rows.len());
-        for p in rows {
-            let n_pad = max_len - p.len();
-            ids.extend(std::iter::repeat_n(pad as i64, n_pad));
-            ids.extend(p.iter().map(|&t| t as i64));
-            valid.push((0..max_len).map(|i| i >= n_pad).collect::<Vec<_>>());
-        }
-        (ids, Padding { valid })
-    };
+    // The distinct prompts left-padded: [pad .. pad, prompt].
     let u = distinct.len();
-    let (ids, prefill_padding) = left_pad(&distinct);
+    let mut ids = Vec::with_capacity(u * max_len);
+    let mut valid = Vec::with_capacity(u);
+    for p in &distinct {
+        let n_pad = max_len - p.len();
+        ids.extend(std::iter::repeat_n(pad as i64, n_pad));
+        ids.extend(p.iter().map(|&t| t as i64));
+        valid.push((0..max_len).map(|i| i >= n_pad).collect::<Vec<_>>());
+    }
+    let prefill_padding = Padding { valid };
     let mut padding = Padding {
         valid: of_row
             .iter()
@@ -242,31 +239,14 @@ pub fn generate_keeping<B: Backend>(
             hiddens.push(hidden.clone());
         }
         let s = hidden.dims()[1];
-        let mut logits = model
+        let logits = model
             .lm_head(hidden.narrow(1, s - 1, 1))
             .reshape([b, vocab])
             .cast(FloatDType::F32);
-        // While EOS is banned, the log-probs recorded are still the model's (the ban's
-        // renormalisation taken out), as a log-prob pass over the sequence computes them.
-        let mut lp_shift = None;
-        if step < cfg.min_new_tokens {
-            let ban = eos_ban.clone().expect("built when min_new_tokens > 0");
-            let t = if cfg.temperature > 0.0 {
-                cfg.temperature
-            } else {
-                1.0
-            };
-            let scaled = logits.clone().div_scalar(t);
-            let shift = log_sum_exp(scaled.clone() + ban.clone()) - log_sum_exp(scaled);
-            lp_shift = Some(
-                shift
-                    .into_data()
-                    .convert::<f32>()
-                    .to_vec::<f32>()
-                    .expect("f32"),
-            );
-            logits = logits + ban;
-        }
+        // While EOS is banned it cannot be picked, but the log-probs recorded are the model's
+        // (as a log-prob pass over the sequence computes them).
+        let ban = (step < cfg.min_new_tokens)
+            .then(|| eos_ban.clone().expect("built when min_new_tokens > 0"));
         let picks: Vec<(u32, f32)> = if on_device {
             // One uniform per row still sampling, as `sample` draws.
             let uniforms: Vec<f32> = (0..b)
@@ -278,16 +258,26 @@ pub fn generate_keeping<B: Backend>(
                     }
                 })
                 .collect();
-            let (toks, lps) = sample_on_device(logits, cfg.temperature, &uniforms);
+            let (toks, lps) = sample_on_device(logits, cfg.temperature, &uniforms, ban);
             toks.into_iter().zip(lps).collect()
         } else {
             let logits = logits.into_data().to_vec::<f32>().expect("f32 logits");
             (0..b)
                 .map(|r| {
+                    let row = &logits[r * vocab..(r + 1) * vocab];
                     if done[r] {
                         (pad, 0.0)
+                    } else if ban.is_some() {
+                        let mut allowed = row.to_vec();
+                        for &e in &eos {
+                            if let Some(x) = allowed.get_mut(e as usize) {
+                                *x = f32::NEG_INFINITY;
+                            }
+                        }
+                        let (tok, _) = sample(&allowed, cfg, &mut rngs[r]);
+                        (tok, log_prob(row, tok, cfg.temperature))
                     } else {
-                        sample(&logits[r * vocab..(r + 1) * vocab], cfg, &mut rngs[r])
+                        sample(row, cfg, &mut rngs[r])
                     }
                 })
                 .collect()
@@ -301,8 +291,7 @@ pub fn generate_keeping<B: Backend>(
             let (tok, lp) = picks[r];
             let g = &mut out[r];
             g.tokens.push(tok);
-            g.logprobs
-                .push(lp + lp_shift.as_ref().map_or(0.0, |s| s[r]));
+            g.logprobs.push(lp);
             next.push(tok as i64);
             if eos.contains(&tok) {
                 done[r] = true;
@@ -352,6 +341,14 @@ fn log_sum_exp<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
     max.clone() + (x - max).exp().sum_dim(1).log()
 }
 
+/// `log p(tok)` under `softmax(logits / temperature)` (the raw logits when greedy).
+fn log_prob(logits: &[f32], tok: u32, temperature: f32) -> f32 {
+    let t = if temperature > 0.0 { temperature } else { 1.0 };
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l / t));
+    let sum: f32 = logits.iter().map(|&l| (l / t - max).exp()).sum();
+    logits[tok as usize] / t - max - sum.ln()
+}
+
 /// Block length of the two-level prefix sum in [`sample_on_device`]: burn's GPU `cumsum` reads every
 /// earlier element for each output (quadratic in the length), so a row of the vocabulary is summed
 /// as blocks of 64 and then across the blocks.
@@ -363,11 +360,13 @@ const CDF_BLOCK: usize = 64;
 /// The same picks as [`sample`] without top-k/top-p: greedy is the first index of the maximum;
 /// sampling takes the first token whose cumulative probability, in index order, exceeds the row's
 /// uniform `u` (drawn on the host from the row's RNG, as [`sample`] draws it). Only the picks
-/// leave the device.
+/// leave the device. A `ban` (`[1, vocab]`, `-inf` at tokens that may not be picked yet, 0
+/// elsewhere) restricts the picks; the log-probabilities stay the model's, without the ban.
 pub fn sample_on_device<B: Backend>(
     logits: Tensor<B, 2>,
     temperature: f32,
     uniforms: &[f32],
+    ban: Option<Tensor<B, 2>>,
 ) -> (Vec<u32>, Vec<f32>) {
     let [b, vocab] = logits.dims();
     let dev = logits.device();
@@ -376,10 +375,14 @@ pub fn sample_on_device<B: Backend>(
     } else {
         logits
     };
-    let max = scaled.clone().max_dim(1);
-    let exps = (scaled.clone() - max.clone()).exp();
+    let pickable = match &ban {
+        Some(ban) => scaled.clone() + ban.clone(),
+        None => scaled.clone(),
+    };
+    let max = pickable.clone().max_dim(1);
+    let exps = (pickable.clone() - max.clone()).exp();
     let picks = if temperature <= 0.0 {
-        scaled.clone().argmax(1)
+        pickable.argmax(1)
     } else {
         // Inverse CDF: the pick is the number of tokens whose cumulative probability is <= u.
         let blocks = vocab.div_ceil(CDF_BLOCK);
@@ -409,7 +412,10 @@ pub fn sample_on_device<B: Backend>(
             .sum_dim(1)
             .clamp_max(vocab as i64 - 1)
     };
-    let log_z = max + exps.sum_dim(1).log();
+    let log_z = match ban {
+        Some(_) => log_sum_exp(scaled.clone()),
+        None => max + exps.sum_dim(1).log(),
+    };
     let logprobs = scaled.gather(1, picks.clone()) - log_z;
     let toks = picks
         .into_data()
@@ -521,7 +527,7 @@ mod tests {
                         }
                     })
                     .collect();
-                let (toks, lps) = sample_on_device(logits.clone(), temperature, &uniforms);
+                let (toks, lps) = sample_on_device(logits.clone(), temperature, &uniforms, None);
                 for r in 0..b {
                     let (tok, lp) =
                         sample(&data[r * vocab..(r + 1) * vocab], &cfg, &mut host_rngs[r]);
@@ -542,6 +548,7 @@ mod tests {
                 logits.clone(),
                 temperature,
                 &[0.1, 0.3, 0.5, 0.7, 0.9, 0.99],
+                None,
             );
             assert_ne!(toks[0], toks[1]);
             assert_eq!((toks[2], toks[3]), (10, 999));

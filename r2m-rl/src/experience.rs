@@ -168,6 +168,14 @@ impl<B: Backend> Experience<B> {
             .collect()
     }
 
+    /// `rows` ordered by prompt length, then response length: cut into micro-batches, rows of
+    /// similar length share a forward pass and pad little.
+    pub fn by_length(&self, rows: &[usize]) -> Vec<usize> {
+        let mut rows = rows.to_vec();
+        rows.sort_by_key(|&r| (self.prompt_of(r).ids.len(), self.response_len(r)));
+        rows
+    }
+
     /// The columns `rows` need (left columns that are padding in every row are dropped, and so
     /// are right columns past the longest response).
     pub fn slice(&self, rows: &[usize]) -> RowSlice {

@@ -164,9 +164,9 @@ fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec().expect("f32")
 }
 
-/// One pass of the old policy (log-probs, `h`, the frozen stream), one of the reference and one
-/// of the critic, in micro-batches over the full grid: what `recompute_old_logprobs = true` runs,
-/// and how ReMax's greedy responses get their `h`.
+/// One pass of the old policy (log-probs, `h`, the frozen stream) in micro-batches over the full
+/// grid, then the reference and critic passes: what `recompute_old_logprobs = true` runs, and how
+/// ReMax's greedy responses get their `h`.
 pub fn old_and_ref_pass<B: Backend>(
     models: &RolloutModels<'_, B>,
     exp: &mut Experience<B>,
@@ -174,46 +174,31 @@ pub fn old_and_ref_pass<B: Backend>(
 ) {
     let (old, start_layer) = (models.old, models.start_layer);
     let dev = old.device();
-    let temp = opts.generation.temperature;
     let rows: Vec<usize> = (0..exp.rows()).collect();
-    let (mut streams, mut hiddens) = (Vec::new(), Vec::new());
-    let (mut old_lp, mut ref_lp, mut values) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut streams, mut hiddens, mut old_lp) = (Vec::new(), Vec::new(), Vec::new());
     for chunk in rows.chunks(opts.micro_batch_size.max(1)) {
         let s = exp.full_slice(chunk);
         let padding = exp.input_padding(&s);
         let ids = exp.input_ids::<B>(&s, &dev);
-        let targets = exp.targets::<B>(&s, &dev);
         let stream = (start_layer > 0)
             .then(|| old.forward_layers(old.embed(ids.clone()), &padding, 0..start_layer, None));
-        let start = |m: &CausalLm<B>| match &stream {
-            Some(x) => final_hidden(m, Start::Stream(x.clone(), start_layer), &padding),
-            None => final_hidden(m, Start::Tokens(ids.clone()), &padding),
+        let h = match &stream {
+            Some(x) => final_hidden(old, Start::Stream(x.clone(), start_layer), &padding),
+            None => final_hidden(old, Start::Tokens(ids), &padding),
         };
-        let logprobs = |m: &CausalLm<B>, h: Tensor<B, 3>| {
-            let h = response_hidden(h, &s, exp.prompt_cols);
-            let (lp, _) = response_logprobs(m, h, targets.clone(), temp, false);
-            exp.split_rows(&s, &to_vec(lp))
-        };
-        let h = start(old);
-        old_lp.extend(logprobs(old, h.clone()));
-        ref_lp.extend(logprobs(models.reference, start(models.reference)));
-        if let Some(c) = models.critic {
-            let hc = response_hidden(start(&c.backbone), &s, exp.prompt_cols);
-            let v = c.score.forward(hc).squeeze_dim::<2>(2);
-            values.extend(exp.split_rows(&s, &to_vec(v)));
-        }
+        let targets = exp.targets::<B>(&s, &dev);
+        let hr = response_hidden(h.clone(), &s, exp.prompt_cols);
+        let (lp, _) = response_logprobs(old, hr, targets, opts.generation.temperature, false);
+        old_lp.extend(exp.split_rows(&s, &to_vec(lp)));
         if opts.keep_hidden {
             hiddens.push(h);
         }
-        if let Some(x) = stream {
-            streams.push(x);
-        }
+        streams.extend(stream);
     }
     exp.old_logprobs = old_lp;
-    exp.ref_logprobs = ref_lp;
-    exp.values = models.critic.is_some().then_some(values);
     exp.stream = (!streams.is_empty()).then(|| Tensor::cat(streams, 0));
     exp.hidden = (!hiddens.is_empty()).then(|| Tensor::cat(hiddens, 0));
+    reference_pass(models, exp, opts);
 }
 
 /// The reference's log-probs and the critic's values over an experience whose old-policy
@@ -226,8 +211,7 @@ pub fn reference_pass<B: Backend>(
 ) {
     let dev = models.reference.device();
     let temp = opts.generation.temperature;
-    let mut rows: Vec<usize> = (0..exp.rows()).collect();
-    rows.sort_by_key(|&r| (exp.prompt_of(r).ids.len(), exp.response_len(r)));
+    let rows = exp.by_length(&(0..exp.rows()).collect::<Vec<_>>());
     let mut ref_lp = vec![Vec::new(); exp.rows()];
     let mut values = vec![Vec::new(); exp.rows()];
     for chunk in rows.chunks(opts.micro_batch_size.max(1)) {

@@ -35,10 +35,10 @@ pub fn micro_batches<B: Backend>(
     micro: usize,
     sort: bool,
 ) -> Vec<Vec<usize>> {
-    let mut rows = rows.to_vec();
-    if sort {
-        rows.sort_by_key(|&r| (exp.prompt_of(r).ids.len(), exp.response_len(r)));
-    }
+    let rows = match sort {
+        true => exp.by_length(rows),
+        false => rows.to_vec(),
+    };
     rows.chunks(micro.max(1)).map(<[usize]>::to_vec).collect()
 }
 
