@@ -444,8 +444,9 @@ struct PrefixGroup {
 }
 
 /// Split `seqs`, in order, into runs that share a prefix of at least [`MIN_SHARED_PREFIX`]
-/// tokens, and at least half of what the run shared before the sequence joined. A group's
-/// `shared` leaves at least one token of each sequence to continue with.
+/// tokens; a sequence joins a run when that saves more tokens than the run's shorter prefix
+/// costs its other rows. A group's `shared` leaves at least one token of each sequence to
+/// continue with.
 fn prefix_groups(seqs: &[Vec<u32>]) -> Vec<PrefixGroup> {
     let common = |a: &[u32], b: &[u32]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
     let mut groups: Vec<PrefixGroup> = Vec::new();
@@ -457,10 +458,12 @@ fn prefix_groups(seqs: &[Vec<u32>]) -> Vec<PrefixGroup> {
                 _ => g.shared,
             };
             let shared = common(first, s).min(so_far).min(s.len().saturating_sub(1));
-            // A sequence that shares only part of the group's prefix (a chat template's system
-            // prompt, when the prompts differ) starts a group of its own instead of shrinking it.
-            let keeps_most = g.rows.len() == 1 || 2 * shared >= g.shared;
-            if shared >= MIN_SHARED_PREFIX && keeps_most {
+            // Joining saves `shared` tokens of this sequence and costs the group's other rows
+            // what their prefix shrinks by: a sequence that shares only a chat template's system
+            // prompt with the group (another prompt) starts a group of its own.
+            let others = if g.rows.len() == 1 { 0 } else { g.rows.len() };
+            let pays = shared >= (so_far - shared) * others;
+            if shared >= MIN_SHARED_PREFIX && pays {
                 g.shared = shared;
                 g.rows.push(i);
                 continue;
@@ -515,6 +518,9 @@ mod tests {
             [prefix.as_slice(), &[1; 30], &[3]].concat(),
             [prefix.as_slice(), &[4; 30], &[2]].concat(),
             [prefix.as_slice(), &[4; 30], &[3]].concat(),
+            // A short prompt before long replies.
+            [prefix.as_slice(), &[6; 40]].concat(),
+            [prefix.as_slice(), &[7; 40]].concat(),
         ];
         let groups = prefix_groups(&seqs);
         let rows_shared: Vec<(Vec<usize>, usize)> =
@@ -527,7 +533,8 @@ mod tests {
                 (vec![4, 5], 19),
                 (vec![6], 0),
                 (vec![7, 8], 50),
-                (vec![9, 10], 50)
+                (vec![9, 10], 50),
+                (vec![11, 12], 20)
             ]
         );
     }
