@@ -92,6 +92,18 @@ pub struct RowSlice {
     pub hi: usize,
 }
 
+/// How the rows of a slice share their prompts: the first `cols` input columns of row `i` are
+/// those of row `first[group[i]]` (same prompt, same left padding).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedPrompts {
+    /// Input columns every row of a group has in common (its prompt without the last token).
+    pub cols: usize,
+    /// Per group, the slice row (index into the slice's rows) that runs the common columns.
+    pub first: Vec<usize>,
+    /// Per slice row, its group.
+    pub group: Vec<usize>,
+}
+
 impl<B: Backend> Experience<B> {
     /// Lay out `prompts` (n) and their `responses` (n * k, grouped by prompt) as one grid.
     pub fn new(prompts: Vec<Prompt>, k: usize, responses: Vec<Generation>, pad: u32) -> Self {
@@ -168,12 +180,43 @@ impl<B: Backend> Experience<B> {
             .collect()
     }
 
-    /// `rows` ordered by prompt length, then response length: cut into micro-batches, rows of
-    /// similar length share a forward pass and pad little.
+    /// `rows` ordered by prompt length, then prompt, then response length: cut into
+    /// micro-batches, rows of similar length share a forward pass and pad little, and the samples
+    /// of one prompt sit together (their prompt then runs once, [`Experience::shared_prompts`]).
     pub fn by_length(&self, rows: &[usize]) -> Vec<usize> {
         let mut rows = rows.to_vec();
-        rows.sort_by_key(|&r| (self.prompt_of(r).ids.len(), self.response_len(r)));
+        rows.sort_by_key(|&r| {
+            (
+                self.prompt_of(r).ids.len(),
+                r / self.k,
+                self.response_len(r),
+            )
+        });
         rows
+    }
+
+    /// The rows of a slice that sample the same prompt, when any do: a forward pass can run
+    /// their common columns once (`crate::rollout::final_hidden_shared`). Those columns are the
+    /// slice's prompt columns but the last, `lo..P - 1`: the last prompt token predicts the first
+    /// response token, so it runs with each row's own part. `None` when every row has its own
+    /// prompt or there is no such column.
+    pub fn shared_prompts(&self, s: &RowSlice) -> Option<SharedPrompts> {
+        let cols = (self.prompt_cols - 1).saturating_sub(s.lo);
+        let (mut first, mut group) = (Vec::new(), Vec::with_capacity(s.rows.len()));
+        let mut prompts: Vec<usize> = Vec::new();
+        for (i, &r) in s.rows.iter().enumerate() {
+            let prompt = r / self.k;
+            let g = match prompts.iter().position(|&p| p == prompt) {
+                Some(g) => g,
+                None => {
+                    prompts.push(prompt);
+                    first.push(i);
+                    prompts.len() - 1
+                }
+            };
+            group.push(g);
+        }
+        (cols > 0 && first.len() < s.rows.len()).then_some(SharedPrompts { cols, first, group })
     }
 
     /// The columns `rows` need (left columns that are padding in every row are dropped, and so

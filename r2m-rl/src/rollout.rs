@@ -12,16 +12,16 @@
 //! are shared with the policy update ([`crate::update`]).
 
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{backend::Backend, Int, Tensor};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use r2m_core::tensor::{entropy, gather_log_probs, pick_targets};
 use r2m_core::{R2mError, Result};
 use r2m_models::Tokenizer;
 use r2m_models::{
-    fused, generate_keeping, CausalLm, Generation, GenerationConfig, Keep, Kept, Padding,
+    fused, generate_keeping, CausalLm, Generation, GenerationConfig, Keep, Kept, KvCache, Padding,
     RewardModel,
 };
 
-use crate::experience::{Experience, RowSlice};
+use crate::experience::{Experience, RowSlice, SharedPrompts};
 use crate::prompt::Prompt;
 use crate::seed::{step_seed, stream};
 
@@ -216,12 +216,11 @@ pub fn reference_pass<B: Backend>(
     let mut values = vec![Vec::new(); exp.rows()];
     for chunk in rows.chunks(opts.micro_batch_size.max(1)) {
         let s = exp.slice(chunk);
-        let padding = exp.input_padding(&s);
         let targets = exp.targets::<B>(&s, &dev);
         let stream = exp.stream_of(&s);
         let start = |m: &CausalLm<B>| match &stream {
-            Some(x) => final_hidden(m, Start::Stream(x.clone(), models.start_layer), &padding),
-            None => final_hidden(m, Start::Tokens(exp.input_ids::<B>(&s, &dev)), &padding),
+            Some(x) => slice_hidden(m, Start::Stream(x.clone(), models.start_layer), exp, &s),
+            None => slice_hidden(m, Start::Tokens(exp.input_ids::<B>(&s, &dev)), exp, &s),
         };
         let h = response_hidden(start(models.reference), &s, exp.prompt_cols);
         let (lp, _) = response_logprobs(models.reference, h, targets, temp, false);
@@ -263,6 +262,69 @@ pub fn final_hidden<B: Backend>(
         Start::Stream(x, layer) => model.forward_layers(x, padding, layer..n, None),
     };
     model.norm.forward(x)
+}
+
+/// [`final_hidden`] with the columns that rows share computed once per group: each group's
+/// first row runs them and fills a KV cache, which is forked to the group's rows
+/// ([`KvCache::select_rows`]); each row then runs its own columns from the cache. Equal to
+/// [`final_hidden`] within float rounding, gradients included (the fork is a row selection, so
+/// the backward pass sums each group's rows into its one prefix).
+///
+/// # Shapes
+/// - as [`final_hidden`]; `start` and `padding` cover every column
+pub fn final_hidden_shared<B: Backend>(
+    model: &CausalLm<B>,
+    start: Start<B>,
+    padding: &Padding,
+    shared: &SharedPrompts,
+) -> Tensor<B, 3> {
+    let n = model.layers.len();
+    let select = |rows: &[usize], dev: &B::Device| {
+        let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [rows.len()]), dev)
+    };
+    let cols = shared.cols;
+    let (prefix, rest, layer) = match start {
+        Start::Tokens(ids) => {
+            let [_, w] = ids.dims();
+            let first = select(&shared.first, &ids.device());
+            let prefix = model.embed(ids.clone().select(0, first).narrow(1, 0, cols));
+            (prefix, model.embed(ids.narrow(1, cols, w - cols)), 0)
+        }
+        Start::Stream(x, layer) => {
+            let [_, w, _] = x.dims();
+            let first = select(&shared.first, &x.device());
+            let prefix = x.clone().select(0, first).narrow(1, 0, cols);
+            (prefix, x.narrow(1, cols, w - cols), layer)
+        }
+    };
+    let dev = prefix.device();
+    let prefix_padding = Padding {
+        valid: (shared.first.iter())
+            .map(|&r| padding.valid[r][..cols].to_vec())
+            .collect(),
+    };
+    let mut cache = KvCache::new(n);
+    let prefix = model.forward_layers(prefix, &prefix_padding, layer..n, Some(&mut cache));
+    let mut cache = cache.select_rows(&shared.group);
+    let rest = model.forward_layers(rest, padding, layer..n, Some(&mut cache));
+    let prefix = prefix.select(0, select(&shared.group, &dev));
+    model.norm.forward(Tensor::cat(vec![prefix, rest], 1))
+}
+
+/// Last-layer hidden states of `model` over the input columns of a slice of `exp`: through
+/// [`final_hidden_shared`] when rows of the slice sample the same prompt, else [`final_hidden`].
+pub fn slice_hidden<B: Backend, E: Backend>(
+    model: &CausalLm<B>,
+    start: Start<B>,
+    exp: &Experience<E>,
+    s: &RowSlice,
+) -> Tensor<B, 3> {
+    let padding = exp.input_padding(s);
+    match exp.shared_prompts(s) {
+        Some(shared) => final_hidden_shared(model, start, &padding, &shared),
+        None => final_hidden(model, start, &padding),
+    }
 }
 
 /// Hidden states at the columns that predict response tokens, `[rows, hi - P, hidden]`.

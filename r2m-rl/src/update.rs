@@ -22,7 +22,7 @@ use crate::config::AlgoConfig;
 use crate::experience::{Experience, RowSlice};
 use crate::optim::AdamW;
 use crate::policy_loss::{aggregate, clipped_surrogate, kl_estimate, Clip, KlMode, LossAgg};
-use crate::rollout::{final_hidden, response_hidden, response_logprobs, Start};
+use crate::rollout::{response_hidden, response_logprobs, slice_hidden, Start};
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
@@ -179,7 +179,7 @@ pub fn policy_loss<B: AutodiffBackend>(
 ) -> PolicyLoss<B> {
     let (exp, slice) = (mb.exp, &mb.slice);
     let dev = mb.mask.device();
-    let full = final_hidden(policy, start, &exp.input_padding(slice));
+    let full = slice_hidden(policy, start, exp, slice);
     let hidden = full.clone().detach().inner();
     let entropy_grad = s.entropy_coef != 0.0;
     let (logp, entropy) = response_logprobs(
@@ -225,7 +225,7 @@ pub fn value_loss<B: AutodiffBackend>(
     value_clip: f32,
 ) -> Tensor<B, 1> {
     let (exp, slice) = (mb.exp, &mb.slice);
-    let h = final_hidden(&critic.backbone, start, &exp.input_padding(slice));
+    let h = slice_hidden(&critic.backbone, start, exp, slice);
     let v = critic
         .score
         .forward(response_hidden(h, slice, exp.prompt_cols))

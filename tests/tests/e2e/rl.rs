@@ -501,3 +501,150 @@ fn kl_in_the_reward_is_k1_per_token_whatever_the_loss_estimator() {
         );
     }
 }
+
+/// An experience laid out by hand: `k` responses of different lengths (right padding) to each
+/// of `prompts` (different lengths: left padding).
+fn hand_experience(prompts: Vec<Prompt>, k: usize, vocab: usize) -> Experience<TB> {
+    let responses = (0..prompts.len() * k)
+        .map(|row| {
+            let tokens: Vec<u32> = (0..3 + row % 4)
+                .map(|t| ((20 + 13 * row + 5 * t) % vocab) as u32)
+                .collect();
+            r2m_models::Generation {
+                logprobs: vec![0.0; tokens.len()],
+                tokens,
+                text: None,
+                finish: r2m_models::generate::FinishReason::Length,
+            }
+        })
+        .collect();
+    Experience::new(prompts, k, responses, 0)
+}
+
+/// The forward pass over `rows` of `exp` from `start_layer` (the frozen trunk's output as the
+/// trainer caches it, or the token ids), each prompt run once per group and every row running
+/// it: the same hidden states at real positions and the same gradients of the first trainable
+/// block's projections (k and v reach the other rows through the forked cache) and of the last
+/// block, within `tol` of the largest value.
+fn assert_shared_prompts_change_nothing(
+    policy: &CausalLm<AB>,
+    exp: &Experience<TB>,
+    rows: &[usize],
+    start_layer: usize,
+    tol: f32,
+) {
+    use burn::tensor::{Tensor, TensorData};
+    use r2m_rl::rollout::{final_hidden, final_hidden_shared, response_hidden, Start};
+    let dev = device();
+    let s = exp.slice(rows);
+    let shared = exp.shared_prompts(&s).expect("rows share prompts");
+    let padding = exp.input_padding(&s);
+    let start = || match start_layer {
+        0 => Start::Tokens(exp.input_ids::<AB>(&s, &dev)),
+        n => {
+            let frozen = policy.valid();
+            let x = frozen.embed(exp.input_ids::<TB>(&s, &dev));
+            let x = frozen.forward_layers(x, &padding, 0..n, None);
+            Start::Stream(Tensor::from_inner(x), n)
+        }
+    };
+    let last = policy.layers.len() - 1;
+    let run = |share: bool| {
+        let h = match share {
+            true => final_hidden_shared(policy, start(), &padding, &shared),
+            false => final_hidden(policy, start(), &padding),
+        };
+        let [n, w, d] = h.dims();
+        let real: Vec<f32> = (0..n * w * d)
+            .map(|i| match padding.valid[i / (w * d)][(i / d) % w] {
+                true => 1.0,
+                false => 0.0,
+            })
+            .collect();
+        let hidden =
+            to_vec((h.clone() * Tensor::from_data(TensorData::new(real, [n, w, d]), &dev)).inner());
+        // A loss over the response columns that weighs every feature differently.
+        let r = response_hidden(h, &s, exp.prompt_cols);
+        let [n, w, d] = r.dims();
+        let weights: Vec<f32> = (0..n * w * d)
+            .map(|i| ((i * 37) % 17) as f32 / 17.0 - 0.5)
+            .collect();
+        let mask = exp.response_mask::<AB>(&s, &dev).unsqueeze_dim::<3>(2);
+        let loss = (r * mask * Tensor::from_data(TensorData::new(weights, [n, w, d]), &dev)).sum();
+        let grads = loss.backward();
+        let first = &policy.layers[start_layer];
+        let grad = |p: &burn::module::Param<Tensor<AB, 2>>| {
+            to_vec(p.val().grad(&grads).expect("a gradient"))
+        };
+        let g = vec![
+            ("q_proj", grad(&first.attn.q_proj.weight)),
+            ("k_proj", grad(&first.attn.k_proj.weight)),
+            ("v_proj", grad(&first.attn.v_proj.weight)),
+            (
+                "last down_proj",
+                grad(&policy.layers[last].mlp.down_proj.weight),
+            ),
+        ];
+        (hidden, g)
+    };
+    let (h_all, g_all) = run(false);
+    let (h_shared, g_shared) = run(true);
+    let what = format!("rows {rows:?} from block {start_layer}");
+    let scale = h_all.iter().fold(1f32, |m, x| m.max(x.abs()));
+    let d = max_abs_diff(&h_all, &h_shared) / scale;
+    assert!(d < tol, "{what}: hidden states differ by {d} of {scale}");
+    for ((name, a), (_, b)) in g_all.iter().zip(&g_shared) {
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(scale > 0.0, "{what}: no gradient reached {name}");
+        let d = max_abs_diff(a, b) / scale;
+        assert!(d < tol, "{what}: {name} gradients differ by {d} of {scale}");
+    }
+}
+
+#[test]
+fn prompts_run_once_per_group_give_the_hidden_states_and_gradients_of_every_row_running_them() {
+    let policy = tiny_policy();
+    // Three prompts of different lengths, three samples each: left and right padding.
+    let exp = hand_experience(tiny_prompts(3), 3, 256);
+    for start_layer in [0, 1] {
+        // Every row; groups out of order; a group of one beside groups of two.
+        for rows in [
+            vec![0, 1, 2, 3, 4, 5, 6, 7, 8],
+            vec![7, 0, 4, 1, 8],
+            vec![2, 5, 3],
+        ] {
+            assert_shared_prompts_change_nothing(&policy, &exp, &rows, start_layer, 1e-5);
+        }
+    }
+    // Nothing to share: one sample per prompt, or rows of different prompts only.
+    let single = hand_experience(tiny_prompts(3), 1, 256);
+    assert_eq!(single.shared_prompts(&single.slice(&[0, 1, 2])), None);
+    assert_eq!(exp.shared_prompts(&exp.slice(&[0, 3, 6])), None);
+    // What is shared: the slice's prompt columns but the last, each group run by its first row.
+    let shared = exp.shared_prompts(&exp.slice(&[7, 0, 4, 1, 8])).unwrap();
+    assert_eq!(shared.first, vec![0, 1, 2]);
+    assert_eq!(shared.group, vec![0, 1, 2, 1, 0]);
+    assert_eq!(
+        shared.cols,
+        exp.prompt_cols - 1 - exp.slice(&[7, 0, 4, 1, 8]).lo
+    );
+}
+
+#[test]
+fn smollm2_prompts_run_once_per_group_give_what_every_row_running_them_gives() {
+    let path = r2m_models::hub::fetch_smollm2(&mut |m| eprintln!("{m}")).unwrap();
+    let loaded = load_gguf::<AB>(&path, &device()).unwrap();
+    let tok = loaded.tokenizer.clone().unwrap();
+    let prompts: Vec<Prompt> = ["What is the capital of France?", "Name a fruit."]
+        .iter()
+        .map(|q| Prompt {
+            ids: tok.encode_user_turn(q).unwrap(),
+            messages: None,
+        })
+        .collect();
+    assert_ne!(prompts[0].ids.len(), prompts[1].ids.len(), "left padding");
+    let exp = hand_experience(prompts, 3, 49152);
+    for (rows, start_layer) in [(vec![0, 1, 2, 3, 4, 5], 26), (vec![4, 0, 3, 1], 0)] {
+        assert_shared_prompts_change_nothing(&loaded.model, &exp, &rows, start_layer, 1e-4);
+    }
+}
