@@ -7,8 +7,9 @@
 #
 # 1. Tuning (configs/overopt/tune.toml): R2M and iterative-head on seed 100, r2m.lr in
 #    {1e-4, 1e-3}, one experiment per value (ROOT/tune-lr*).
-# 2. The final sweep (configs/overopt/sweep.toml, which holds the tuned values; written once
-#    tuning has finished): every method on the evaluation seeds, in ROOT/final.
+# 2. The final sweep (configs/overopt/sweep.toml plus each method's tuned rate, picked by
+#    scripts/overopt_pick.py into ROOT/sweep.toml): every method on the evaluation seeds, in
+#    ROOT/final.
 #
 # Every experiment uses the same proxy RM (same data seed and proxy settings): the first one
 # found under runs/regime or ROOT is copied, so only the RL runs differ.
@@ -44,9 +45,12 @@ experiment() {
 experiment tune-lr1e-4 configs/overopt/tune.toml --set r2m.lr=1e-4
 experiment tune-lr1e-3 configs/overopt/tune.toml --set r2m.lr=1e-3
 
-if [ ! -f configs/overopt/sweep.toml ]; then
-  echo "== tuning finished; write configs/overopt/sweep.toml with the tuned values, then rerun"
-  exit 0
+# The final sweep's config: configs/overopt/sweep.toml and the tuned rate of each method
+# (written once, so that a resumed sweep keeps the choice).
+if [ ! -f "$root/sweep.toml" ]; then
+  picks=$(python3 scripts/overopt_pick.py "$root")
+  { cat configs/overopt/sweep.toml; echo "$picks"; } > "$root/sweep.toml.tmp"
+  mv "$root/sweep.toml.tmp" "$root/sweep.toml"
 fi
 # Vanilla on seed 0 is setting D of the regime search (same settings, same seed): reuse it.
 d_run=runs/regime/D-top4-lr1e-4-kl0-80steps/runs/vanilla-seed0
@@ -54,4 +58,4 @@ if [ -f "$d_run/done.json" ] && [ ! -d "$root/final/runs/vanilla-seed0" ]; then
   mkdir -p "$root/final/runs"
   cp -r "$d_run" "$root/final/runs/"
 fi
-experiment final configs/overopt/sweep.toml
+experiment final "$root/sweep.toml"

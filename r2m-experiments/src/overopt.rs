@@ -1823,6 +1823,43 @@ r2m = ["r2m.lr=1e-3"]
     }
 
     #[test]
+    fn the_committed_experiment_configs_parse_and_pass_the_check() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/overopt");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let cfg: OveroptConfig =
+                    toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                cfg.check()
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(
+            n >= 3,
+            "regime, tune and sweep configs in {}",
+            dir.display()
+        );
+        // The sweep with the picks scripts/overopt_pick.py appends.
+        let sweep = std::fs::read_to_string(dir.join("sweep.toml")).unwrap()
+            + "\n[method_set]\nr2m = [\"r2m.lr=0.001\"]\niterative-head = [\"r2m.lr=0.0001\"]\n";
+        let cfg: OveroptConfig = toml::from_str(&sweep).unwrap();
+        cfg.check().unwrap();
+        assert_eq!(cfg.seeds_of(RmMethod::R2m).len(), 5);
+        assert_eq!(cfg.seeds_of(RmMethod::Oracle).len(), 3);
+        let lr = |m| {
+            run_config(&cfg, Path::new("/tmp/exp"), m, 0)
+                .unwrap()
+                .r2m
+                .lr
+        };
+        assert_eq!(lr(RmMethod::R2m), 1e-3);
+        assert_eq!(lr(RmMethod::IterativeHead), 1e-4);
+    }
+
+    #[test]
     fn agreement_counts_pairs_within_groups_only() {
         // Two groups of 3. Group 1: proxy agrees on all 3 pairs; group 2: on 1 of 3.
         let proxy = [3.0, 2.0, 1.0, 1.0, 2.0, 3.0];
