@@ -6,7 +6,7 @@
 #   nohup scripts/overopt-sweep.sh runs/sweep > runs/sweep.log 2>&1 &
 #
 # 1. Tuning (configs/overopt/tune.toml): R2M and iterative-head on seed 100, r2m.lr in
-#    {1e-4, 1e-3}, one experiment per value (ROOT/tune-lr*).
+#    {1e-5, 1e-4}, one experiment per value (ROOT/tune-lr*).
 # 2. The final sweep (configs/overopt/sweep.toml plus each method's tuned rate, picked by
 #    scripts/overopt_pick.py into ROOT/sweep.toml): every method on the evaluation seeds, in
 #    ROOT/final.
@@ -43,7 +43,7 @@ experiment() {
 }
 
 experiment tune-lr1e-4 configs/overopt/tune.toml --set r2m.lr=1e-4
-experiment tune-lr1e-3 configs/overopt/tune.toml --set r2m.lr=1e-3
+experiment tune-lr1e-5 configs/overopt/tune.toml --set r2m.lr=1e-5
 
 # The final sweep's config: configs/overopt/sweep.toml and the tuned rate of each method
 # (written once, so that a resumed sweep keeps the choice).
