@@ -4,8 +4,8 @@
     python3 scripts/overopt_pick.py runs/sweep >> runs/sweep/sweep.toml
 
 Reads ROOT/tune-*/report.json and experiment.toml (its `set` holds `r2m.lr=...`). For each
-method, the rate whose run ended with the higher held-out gold (`methods.<m>.gold_final`, the
-mean over the last evaluations on the held-out prompts) wins; ties go to the smaller rate.
+method, the rate whose run ended with the higher held-out gold (`methods.<m>.gold_final`: every
+held-out prompt's samples at the last evaluation) wins; ties go to the smaller rate.
 Prints the `[method_set]` table to stdout (the oracle, an upper bound that is not tuned, gets the
 largest rate tried) and the table of what it compared to stderr.
 """
