@@ -199,9 +199,14 @@ pub fn verdict(runs: &[HeldOutRun]) -> Option<Verdict> {
     })
 }
 
+/// The methods of the README's figure.
+const MAIN_METHODS: [RmMethod; 3] = [RmMethod::Vanilla, RmMethod::R2m, RmMethod::Oracle];
+
 /// `DIR/heldout_gold_vs_sqrt_kl.{png,svg}` and `heldout_proxy_vs_sqrt_kl`: per method, the
 /// held-out gold (and the fixed proxy's raw score) at each evaluation against sqrt(KL), the mean
-/// over seeds with a min-max band. Nothing is drawn without held-out evaluations.
+/// over seeds with a min-max band; `heldout_gold_vs_sqrt_kl_main` the same gold for vanilla, R2M
+/// and the oracle alone, when other methods ran too. Nothing is drawn without held-out
+/// evaluations.
 pub fn held_out_plots(dir: &Path, all: &[HeldOutRun]) -> Result<Vec<std::path::PathBuf>> {
     use r2m_rl::plots::{line_chart, Chart, Series};
     let mut golds = Vec::new();
@@ -243,23 +248,44 @@ pub fn held_out_plots(dir: &Path, all: &[HeldOutRun]) -> Result<Vec<std::path::P
                 band: (runs.len() > 1).then_some(band),
             }
         };
-        golds.push(series(HeldOutStep::gold_mean));
+        golds.push((m, series(HeldOutStep::gold_mean)));
         proxies.push(series(HeldOutStep::proxy_mean));
     }
     if golds.is_empty() {
         return Ok(Vec::new());
     }
     let x_label = "sqrt(KL to the reference) on the held-out samples".to_string();
-    let mut out = line_chart(
+    let gold_chart = |title: &str, series: Vec<Series>| Chart {
+        title: title.into(),
+        x_label: x_label.clone(),
+        y_label: "gold".into(),
+        series,
+    };
+    // The comparison that matters, without the controls' bands on top: vanilla, R2M and the
+    // oracle (when there are other methods too).
+    let main: Vec<Series> = (golds.iter())
+        .filter(|(m, _)| MAIN_METHODS.contains(m))
+        .map(|(_, s)| s.clone())
+        .collect();
+    let mut out = Vec::new();
+    if main.len() >= 2 && main.len() < golds.len() {
+        out.extend(line_chart(
+            dir,
+            "heldout_gold_vs_sqrt_kl_main",
+            &gold_chart(
+                "Held-out gold vs sqrt(KL): vanilla, R2M, oracle (mean over seeds, band min-max)",
+                main,
+            ),
+        )?);
+    }
+    out.extend(line_chart(
         dir,
         "heldout_gold_vs_sqrt_kl",
-        &Chart {
-            title: "Held-out gold vs sqrt(KL) (mean over seeds, band min-max)".into(),
-            x_label: x_label.clone(),
-            y_label: "gold".into(),
-            series: golds,
-        },
-    )?;
+        &gold_chart(
+            "Held-out gold vs sqrt(KL) (mean over seeds, band min-max)",
+            golds.into_iter().map(|(_, s)| s).collect(),
+        ),
+    )?);
     out.extend(line_chart(
         dir,
         "heldout_proxy_vs_sqrt_kl",

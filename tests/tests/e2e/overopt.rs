@@ -129,6 +129,7 @@ fn overopt_reduced_runs_every_method_resumes_and_reports() {
         "agreement_after",
         "length",
         "heldout_gold_vs_sqrt_kl",
+        "heldout_gold_vs_sqrt_kl_main",
         "heldout_proxy_vs_sqrt_kl",
     ] {
         for ext in ["png", "svg"] {
