@@ -42,8 +42,12 @@ experiment() {
   echo "== $name: finished $(date -u +%FT%TZ)"
 }
 
-experiment tune-lr1e-4 configs/overopt/tune.toml --set r2m.lr=1e-4
-experiment tune-lr1e-5 configs/overopt/tune.toml --set r2m.lr=1e-5
+# Tuning, unless ROOT/sweep.toml (the final config with the picks) exists already: on a fresh
+# machine, `mkdir -p ROOT && cp docs/overopt/2026-12-07-tuning/sweep.toml ROOT/` skips it.
+if [ ! -f "$root/sweep.toml" ]; then
+  experiment tune-lr1e-4 configs/overopt/tune.toml --set r2m.lr=1e-4
+  experiment tune-lr1e-5 configs/overopt/tune.toml --set r2m.lr=1e-5
+fi
 
 # The final sweep's config: configs/overopt/sweep.toml and the tuned rate of each method
 # (written once, so that a resumed sweep keeps the choice).
