@@ -1202,6 +1202,10 @@ pub struct RunCurve {
     pub gap: Vec<f64>,
     pub agree_before: Vec<f64>,
     pub agree_after: Vec<f64>,
+    /// How far the RM's fusion head and `phi` have moved from their start, relative
+    /// (`rm_fusion_moved`, `rm_phi_moved`; NaN where a step did not log it).
+    pub fusion_moved: Vec<f64>,
+    pub phi_moved: Vec<f64>,
     pub length: Vec<f64>,
 }
 
@@ -1219,6 +1223,8 @@ impl RunCurve {
             gap: col(&|m| m.diagnostics.get("gold_gap")),
             agree_before: col(&|m| m.diagnostics.get("agree_before")),
             agree_after: col(&|m| m.diagnostics.get("agree_after")),
+            fusion_moved: col(&|m| m.diagnostics.get("rm_fusion_moved")),
+            phi_moved: col(&|m| m.diagnostics.get("rm_phi_moved")),
             length: col(&|m| Some(m.response_len)),
         }
     }
@@ -1256,6 +1262,15 @@ impl RunCurve {
 
     /// Mean of the last quarter of the steps (at least one): "final" values, less noisy than
     /// the last step alone.
+    /// The last finite value (NaN when there is none).
+    fn last(v: &[f64]) -> f64 {
+        v.iter()
+            .rev()
+            .copied()
+            .find(|x| x.is_finite())
+            .unwrap_or(f64::NAN)
+    }
+
     fn tail(v: &[f64]) -> f64 {
         let n = v.len().div_ceil(4).max(1);
         let t: Vec<f64> = v[v.len().saturating_sub(n)..]
@@ -1335,6 +1350,9 @@ pub struct MethodRow {
     pub gap_final: Spread,
     pub agree_before: Spread,
     pub agree_after: Spread,
+    /// How far the fusion head and `phi` had moved from their start at the end of the run.
+    pub fusion_moved_final: Spread,
+    pub phi_moved_final: Spread,
     pub sqrt_kl_final: Spread,
     pub length_final: Spread,
 }
@@ -1420,6 +1438,8 @@ pub fn report(exp: &Path, cfg: &OveroptConfig) -> Result<Report> {
             gap_final: over(&|r| RunCurve::tail(&r.gap)),
             agree_before: over(&|r| mean_of(&r.agree_before)),
             agree_after: over(&|r| mean_of(&r.agree_after)),
+            fusion_moved_final: over(&|r| RunCurve::last(&r.fusion_moved)),
+            phi_moved_final: over(&|r| RunCurve::last(&r.phi_moved)),
             sqrt_kl_final: over(&|r| RunCurve::tail(&r.sqrt_kl)),
             length_final: over(&|r| RunCurve::tail(&r.length)),
         });
@@ -1501,7 +1521,9 @@ fn markdown(cfg: &OveroptConfig, rep: &Report, proxy: Option<&ProxyRmInfo>) -> S
         "\nValues are mean ± std over seeds. \"final\" is the mean of the last quarter of the steps. \
          Proxy is on gold's scale (mean/std matched on the initial policy's held-out responses); \
          gap = proxy − gold. Agreement: same-prompt response pairs ordered as gold orders them, \
-         before and after the RM's own update in each step, averaged over steps."
+         before and after the RM's own update in each step, averaged over steps. Moved: how far \
+         the RM's fusion head and its head phi are from where they started, \
+         ||theta - theta_0|| / ||theta_0||, at the end of the run (- where nothing trains)."
     );
     match rep.matched_sqrt_kl {
         Some(k) => {
@@ -1519,16 +1541,16 @@ fn markdown(cfg: &OveroptConfig, rep: &Report, proxy: Option<&ProxyRmInfo>) -> S
     }
     let _ = writeln!(
         s,
-        "| method | seeds | gold @ matched KL | Δ vs vanilla (paired) | gold @ matched KL, fit | Δ vs vanilla, fit | gold first | gold final | proxy final | gap final | agree before | agree after | sqrt KL final | length final |"
+        "| method | seeds | gold @ matched KL | Δ vs vanilla (paired) | gold @ matched KL, fit | Δ vs vanilla, fit | gold first | gold final | proxy final | gap final | agree before | agree after | fusion moved | phi moved | sqrt KL final | length final |"
     );
     let _ = writeln!(
         s,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for r in &rep.rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} ± {:.1} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} ± {:.1} |",
             r.method,
             r.seeds,
             r.gold_at_kl,
@@ -1541,6 +1563,8 @@ fn markdown(cfg: &OveroptConfig, rep: &Report, proxy: Option<&ProxyRmInfo>) -> S
             r.gap_final,
             r.agree_before.plain(),
             r.agree_after.plain(),
+            r.fusion_moved_final.plain(),
+            r.phi_moved_final.plain(),
             r.sqrt_kl_final.plain(),
             r.length_final.mean,
             r.length_final.std
@@ -1898,6 +1922,8 @@ r2m = ["r2m.lr=1e-3"]
             gap: vec![],
             agree_before: vec![],
             agree_after: vec![],
+            fusion_moved: vec![],
+            phi_moved: vec![],
             length: vec![],
         };
         assert!((r.gold_at(0.3).unwrap() - 0.3).abs() < 1e-12);

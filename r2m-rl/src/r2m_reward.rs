@@ -62,6 +62,40 @@ impl<B: Backend> R2mHead<B> {
         };
         self.score.forward(h_fin).squeeze_dim::<1>(1)
     }
+
+    /// How far each trained part has moved from `initial`, relative to where it started:
+    /// `||theta - theta_0|| / ||theta_0||` over the fusion head's four matrices together, and
+    /// over `phi` (weight and bias). The diagnostic of an RM that barely learns, or runs away.
+    pub fn moved_from(&self, initial: &R2mHead<B>) -> (f64, f64) {
+        let f = (&self.fusion, &initial.fusion);
+        let fusion = [
+            (f.0.w_q.val(), f.1.w_q.val()),
+            (f.0.w_k.val(), f.1.w_k.val()),
+            (f.0.w_v.val(), f.1.w_v.val()),
+            (f.0.w_o.val(), f.1.w_o.val()),
+        ];
+        let (phi, phi0) = (&self.score, &initial.score);
+        let mut score = vec![(phi.weight.val(), phi0.weight.val())];
+        if let (Some(b), Some(b0)) = (&phi.bias, &phi0.bias) {
+            let row = |t: Tensor<B, 1>| t.unsqueeze_dim::<2>(0);
+            score.push((row(b.val()), row(b0.val())));
+        }
+        (relative_distance(&fusion), relative_distance(&score))
+    }
+}
+
+/// `||a - a_0|| / ||a_0||` over several tensors taken together (0 when `a_0` is all zeros).
+fn relative_distance<B: Backend>(pairs: &[(Tensor<B, 2>, Tensor<B, 2>)]) -> f64 {
+    let sum = |t: Tensor<B, 2>| t.square().sum().into_scalar().elem::<f64>();
+    let (mut moved, mut size) = (0.0, 0.0);
+    for (a, a0) in pairs {
+        moved += sum(a.clone() - a0.clone());
+        size += sum(a0.clone());
+    }
+    match size > 0.0 {
+        true => (moved / size).sqrt(),
+        false => 0.0,
+    }
 }
 
 /// A learned RM with R2M's policy feedback (or one of the controls of [`RmMethod`]).
@@ -70,6 +104,9 @@ pub struct R2mReward<B: AutodiffBackend> {
     /// The frozen RM (body and its original `phi`) and how sequences are rendered for it.
     pub rm: LearnedRm<Inner<B>>,
     pub head: R2mHead<B>,
+    /// The head as built (before any update or resume): what `rm_fusion_moved` and
+    /// `rm_phi_moved` measure from.
+    initial: R2mHead<Inner<B>>,
     optim: OptimizerAdaptor<AdamW, R2mHead<B>, B>,
     /// Noise draws so far (w/ Noise control); each draw seeds its own stream from it, so that a
     /// resumed run draws the same noise.
@@ -113,11 +150,13 @@ impl<B: AutodiffBackend> R2mReward<B> {
             lora: None,
         };
         let optim = adamw::<B, R2mHead<B>>(0.0);
+        let head = R2mHead { fusion, score };
         Self {
             noise_draws: 0,
             cfg,
             rm,
-            head: R2mHead { fusion, score },
+            initial: head.valid(),
+            head,
             optim,
             updates: 0,
         }
@@ -398,6 +437,7 @@ impl<B: AutodiffBackend> RolloutReward<Inner<B>> for R2mReward<B> {
                 stats.set("rm_grad_norm", gn);
             }
         }
+        self.record_movement(&mut stats);
         Ok(stats)
     }
 
@@ -463,7 +503,16 @@ impl<B: AutodiffBackend> R2mReward<B> {
                 stats.set("rm_grad_norm", gn);
             }
         }
+        self.record_movement(&mut stats);
         Ok(stats)
+    }
+
+    /// `rm_fusion_moved` and `rm_phi_moved`: how far the head is from where it started
+    /// ([`R2mHead::moved_from`]), after this step's update.
+    fn record_movement(&self, stats: &mut Diagnostics) {
+        let (fusion, phi) = self.head.valid().moved_from(&self.initial);
+        stats.set("rm_fusion_moved", fusion);
+        stats.set("rm_phi_moved", phi);
     }
 }
 

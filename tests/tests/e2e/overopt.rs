@@ -144,6 +144,20 @@ fn overopt_reduced_runs_every_method_resumes_and_reports() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(exp.join("report.json")).unwrap()).unwrap();
     assert_eq!(json["rows"].as_array().unwrap().len(), ALL_METHODS.len());
+    // How far each RM head moved: R2M's fusion head and phi did, iterative-head's phi alone,
+    // vanilla's nothing (no value).
+    let row = |m: &str| {
+        (json["rows"].as_array().unwrap().iter())
+            .find(|r| r["method"] == m)
+            .unwrap()
+            .clone()
+    };
+    let moved = |m: &str, part: &str| row(m)[part]["mean"].as_f64();
+    assert!(moved("r2m", "fusion_moved_final").unwrap() > 0.0, "{json}");
+    assert!(moved("r2m", "phi_moved_final").unwrap() > 0.0, "{json}");
+    assert_eq!(moved("iterative-head", "fusion_moved_final"), Some(0.0));
+    assert!(moved("iterative-head", "phi_moved_final").unwrap() > 0.0);
+    assert_eq!(moved("vanilla", "phi_moved_final"), None);
     // The verdict's fixed keys.
     assert!(json["vanilla_overoptimized"].is_boolean(), "{json}");
     let v = &json["methods"]["vanilla"];

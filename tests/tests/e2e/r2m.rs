@@ -324,8 +324,11 @@ fn every_control_runs_and_trains_what_it_should() {
         let mut reward = r2m(method, &cfg);
         let fusion0 = params(&reward.head.fusion.valid());
         let phi0 = params(&reward.head.score.valid());
+        let initial = reward.head.valid();
+        let mut last = None;
         for _ in 0..2 {
             let (m, _) = trainer.step(tiny_prompts(3), &mut reward).unwrap();
+            last = Some(m.clone());
             assert!(m.reward_mean.is_finite(), "{name}");
             let d = &m.diagnostics;
             let w = d.get("r2m_w").expect("w(t)");
@@ -352,6 +355,22 @@ fn every_control_runs_and_trains_what_it_should() {
             | RmMethod::Oracle => (false, false),
         };
         assert_eq!((fusion_moved, phi_moved), (want_fusion, want_phi), "{name}");
+        // The logged movement says the same, and measures it from where the head started.
+        let (fusion, phi) = reward.head.valid().moved_from(&initial);
+        assert_eq!((fusion > 0.0, phi > 0.0), (want_fusion, want_phi), "{name}");
+        let d = &last.expect("two steps").diagnostics;
+        if reward.trains() {
+            assert!(
+                (d.get("rm_fusion_moved").unwrap() - fusion).abs() < 1e-9,
+                "{name}"
+            );
+            assert!(
+                (d.get("rm_phi_moved").unwrap() - phi).abs() < 1e-9,
+                "{name}"
+            );
+        } else {
+            assert!(d.get("rm_phi_moved").is_none(), "{name}");
+        }
     }
 }
 
