@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Copy an over-optimization experiment's small outputs into docs/ (issue 27): the settings, the
 # report, the plots and, per run, its metrics, held-out evaluations and samples. Never
-# checkpoints. Rerun it as runs finish: it copies what exists.
+# checkpoints. Rerun it as runs finish: it copies the finished runs.
 #
 #   scripts/overopt-publish.sh runs/sweep/final docs/overopt/2026-12-07-sweep
 set -euo pipefail
@@ -18,6 +18,7 @@ fi
 for run in "$exp"/runs/*/; do
   [ -d "$run" ] || continue
   name=$(basename "$run")
+  if [ ! -f "$run/done.json" ]; then echo "$name: unfinished, not copied"; continue; fi
   mkdir -p "$dest/runs/$name"
   for f in metrics.jsonl heldout.jsonl samples.jsonl done.json; do
     if [ -f "$run/$f" ]; then cp "$run/$f" "$dest/runs/$name/"; fi
