@@ -92,6 +92,26 @@ pub struct RowSlice {
     pub hi: usize,
 }
 
+/// `t` (`[rows, w, d]`) widened to `width` columns with zeros: `left` columns before it, the
+/// rest after. How tensors over some columns of the grid go back onto all of them.
+pub fn widen<B: Backend>(t: Tensor<B, 3>, left: usize, width: usize) -> Tensor<B, 3> {
+    let [n, w, d] = t.dims();
+    let right = width - left - w;
+    if left == 0 && right == 0 {
+        return t;
+    }
+    let zeros = |k: usize| Tensor::<B, 3>::zeros([n, k, d], &t.device());
+    let mut cols = Vec::with_capacity(3);
+    if left > 0 {
+        cols.push(zeros(left));
+    }
+    cols.push(t.clone());
+    if right > 0 {
+        cols.push(zeros(right));
+    }
+    Tensor::cat(cols, 1)
+}
+
 /// How the rows of a slice share their prompts: the first `cols` input columns of row `i` are
 /// those of row `first[group[i]]` (same prompt, same left padding).
 #[derive(Debug, Clone, PartialEq)]

@@ -21,7 +21,7 @@ use r2m_models::{
     RewardModel,
 };
 
-use crate::experience::{Experience, RowSlice, SharedPrompts};
+use crate::experience::{widen, Experience, RowSlice, SharedPrompts};
 use crate::prompt::Prompt;
 use crate::seed::{step_seed, stream};
 
@@ -137,25 +137,7 @@ fn on_grid<B: Backend>(exp: &Experience<B>, parts: Vec<(Tensor<B, 3>, usize)>) -
     let width = exp.prompt_cols + exp.response_cols - 1;
     let rows: Vec<Tensor<B, 3>> = parts
         .into_iter()
-        .map(|(t, prompt_cols)| {
-            let [b, w, d] = t.dims();
-            let left = exp.prompt_cols - prompt_cols;
-            let right = width - left - w;
-            let zeros = |n: usize| Tensor::<B, 3>::zeros([b, n, d], &t.device());
-            let mut cols = Vec::with_capacity(3);
-            if left > 0 {
-                cols.push(zeros(left));
-            }
-            cols.push(t.clone());
-            if right > 0 {
-                cols.push(zeros(right));
-            }
-            if cols.len() == 1 {
-                t
-            } else {
-                Tensor::cat(cols, 1)
-            }
-        })
+        .map(|(t, prompt_cols)| widen(t, exp.prompt_cols - prompt_cols, width))
         .collect();
     Tensor::cat(rows, 0)
 }

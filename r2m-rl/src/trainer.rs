@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use crate::advantage::{self, AdvantageKind};
 use crate::config::RlConfig;
-use crate::experience::{Experience, PerToken, RowSlice};
+use crate::experience::{widen, Experience, PerToken, RowSlice};
 use crate::metrics::{sequence_kl, StepMetrics, StepTimes, UpdateStats};
 use crate::optim::{adamw, AdamW};
 use crate::policy_loss::KlMode;
@@ -746,17 +746,7 @@ fn assemble_hidden<Bk: Backend>(
     let mut order = Vec::with_capacity(exp.rows());
     let mut parts = Vec::with_capacity(fresh.len());
     for (s, h) in fresh {
-        let [n, w, d] = h.dims();
-        let dev = h.device();
-        let mut cols = Vec::with_capacity(3);
-        if s.lo > 0 {
-            cols.push(Tensor::zeros([n, s.lo, d], &dev));
-        }
-        cols.push(h);
-        if s.lo + w < width {
-            cols.push(Tensor::zeros([n, width - s.lo - w, d], &dev));
-        }
-        parts.push(Tensor::cat(cols, 1));
+        parts.push(widen(h, s.lo, width));
         order.extend(s.rows);
     }
     let mut pos = vec![0i64; exp.rows()];
