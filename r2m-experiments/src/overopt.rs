@@ -1647,6 +1647,23 @@ fn held_out_markdown(s: &mut String, v: &crate::verdict::Verdict) {
         "\n**vanilla_overoptimized: {}** (true when every vanilla run's drop interval lies above 0).",
         v.vanilla_overoptimized
     );
+    let _ = writeln!(
+        s,
+        "\nMethod − vanilla, paired by seed (mean [95% t-interval]), at each matched sqrt(KL), at \
+         the peak and at the last evaluation:\n\n\
+         | method | pairs | @ KL 1 | @ KL 2 | @ KL 3 | peak | final |\n|---|---|---|---|---|---|---|"
+    );
+    for (name, p) in &v.paired_vs_vanilla_all {
+        let at: Vec<String> = p.gold_at_matched_kl.iter().map(ci).collect();
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {} | {} | {} |",
+            p.gold_peak.n,
+            at.join(" | "),
+            ci(&p.gold_peak),
+            ci(&p.gold_final)
+        );
+    }
     for (name, d) in &v.paired_vs_vanilla {
         let _ = writeln!(
             s,

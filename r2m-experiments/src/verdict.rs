@@ -9,7 +9,10 @@
 //! - **Per method**: peak gold (measured as above), final gold (all prompts) and gold at three
 //!   matched sqrt(KL) levels (25%, 50%, 75% of the smallest maximum any run reached), each as a
 //!   mean over seeds with a Student-t 95% interval.
-//! - **Paired by seed**: each method's gold at the middle matched KL minus vanilla's, same seed.
+//! - **Paired by seed**: each method's gold at the middle matched KL minus vanilla's, same seed
+//!   (the fixed key `paired_vs_vanilla`); and, beside it, the same difference at every matched
+//!   level, at the peak and at the end (`paired_vs_vanilla_all`), since the middle level can lie
+//!   before vanilla's peak, where nothing has been over-optimized yet.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -60,6 +63,16 @@ pub struct Verdict {
     pub methods: BTreeMap<String, MethodVerdict>,
     /// Gold at the middle matched sqrt(KL), method minus vanilla, paired by seed.
     pub paired_vs_vanilla: BTreeMap<String, Interval>,
+    /// Every paired difference to vanilla, per method.
+    pub paired_vs_vanilla_all: BTreeMap<String, PairedVsVanilla>,
+}
+
+/// A method's gold minus vanilla's, paired by seed, each with a Student-t 95% interval.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PairedVsVanilla {
+    pub gold_at_matched_kl: Vec<Interval>,
+    pub gold_peak: Interval,
+    pub gold_final: Interval,
 }
 
 /// Gold (mean over all prompts) at `level` of sqrt(KL), linearly interpolated along the
@@ -177,25 +190,38 @@ pub fn verdict(runs: &[HeldOutRun]) -> Option<Verdict> {
     let vanilla_overoptimized = methods
         .get("vanilla")
         .is_some_and(|v| !v.runs.is_empty() && v.runs.iter().all(|r| r.overoptimized));
-    let mut paired_vs_vanilla = BTreeMap::new();
+    let mut paired_vs_vanilla_all = BTreeMap::new();
     for name in methods.keys().filter(|n| *n != "vanilla") {
-        let d: Vec<f64> = per_run
+        let pairs: Vec<(&RunVerdict, &RunVerdict)> = per_run
             .iter()
             .filter(|((n, _), _)| n == name)
-            .filter_map(|((_, seed), r)| {
-                let v = per_run.get(&("vanilla".to_string(), *seed))?;
-                Some(r.gold_at_matched_kl[1] - v.gold_at_matched_kl[1])
-            })
+            .filter_map(|((_, seed), r)| Some((r, per_run.get(&("vanilla".to_string(), *seed))?)))
             .collect();
-        if !d.is_empty() {
-            paired_vs_vanilla.insert(name.clone(), t_interval(&d));
+        if pairs.is_empty() {
+            continue;
         }
+        let diff = |f: &dyn Fn(&RunVerdict) -> f64| {
+            t_interval(&pairs.iter().map(|(r, v)| f(r) - f(v)).collect::<Vec<_>>())
+        };
+        let all = PairedVsVanilla {
+            gold_at_matched_kl: (0..levels.len())
+                .map(|i| diff(&|r| r.gold_at_matched_kl[i]))
+                .collect(),
+            gold_peak: diff(&|r| r.gold_peak),
+            gold_final: diff(&|r| r.gold_final),
+        };
+        paired_vs_vanilla_all.insert(name.clone(), all);
     }
+    let paired_vs_vanilla = paired_vs_vanilla_all
+        .iter()
+        .map(|(n, p)| (n.clone(), p.gold_at_matched_kl[1]))
+        .collect();
     Some(Verdict {
         vanilla_overoptimized,
         matched_sqrt_kl: levels,
         methods,
         paired_vs_vanilla,
+        paired_vs_vanilla_all,
     })
 }
 
@@ -356,6 +382,49 @@ mod tests {
         let v = run_verdict(0, &points, &[0.5, 1.0, 1.5]);
         assert_eq!(v.peak_step, 4);
         assert!(v.gold_peak.abs() < 1e-9 && !v.overoptimized, "{v:?}");
+    }
+
+    #[test]
+    fn differences_to_vanilla_pair_runs_of_the_same_seed() {
+        // Vanilla rises to 1 + s and falls to s; R2M of the same seed sits `d` above it at every
+        // evaluation, with d = 0.1 for seed 0, 0.3 for seed 1 (and a seed vanilla lacks).
+        let curve = |seed: u64, d: f64| {
+            let s = seed as f64;
+            vec![
+                point(0, 0.0, |_| s + d),
+                point(4, 1.0, |_| 1.0 + s + d),
+                point(8, 2.0, |_| s + d),
+            ]
+        };
+        let run = |method, seed, d| HeldOutRun {
+            method,
+            seed,
+            points: curve(seed, d),
+        };
+        let runs = [
+            run(RmMethod::Vanilla, 0, 0.0),
+            run(RmMethod::Vanilla, 1, 0.0),
+            run(RmMethod::R2m, 1, 0.3),
+            run(RmMethod::R2m, 0, 0.1),
+            run(RmMethod::R2m, 7, 5.0),
+        ];
+        let v = verdict(&runs).expect("verdict");
+        assert!(v.vanilla_overoptimized);
+        let p = &v.paired_vs_vanilla_all["r2m"];
+        for i in [&p.gold_peak, &p.gold_final]
+            .into_iter()
+            .chain(&p.gold_at_matched_kl)
+        {
+            assert_eq!(i.n, 2, "{p:?}");
+            assert!((i.mean - 0.2).abs() < 1e-9, "{p:?}");
+            // t(1) = 12.706 times the standard error 0.1.
+            assert!(
+                (i.ci95_high - i.ci95_low - 2.0 * 12.706 * 0.1).abs() < 1e-6,
+                "{p:?}"
+            );
+        }
+        assert_eq!(v.paired_vs_vanilla["r2m"], p.gold_at_matched_kl[1]);
+        assert!(!v.paired_vs_vanilla_all.contains_key("vanilla"));
     }
 
     #[test]

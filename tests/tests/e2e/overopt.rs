@@ -173,6 +173,9 @@ fn overopt_reduced_runs_every_method_resumes_and_reports() {
         json["paired_vs_vanilla"]["r2m"]["mean"].is_number(),
         "{json}"
     );
+    let all = &json["paired_vs_vanilla_all"]["r2m"];
+    assert!(all["gold_final"]["mean"].is_number(), "{json}");
+    assert_eq!(all["gold_at_matched_kl"].as_array().unwrap().len(), 3);
     assert!(md.contains("vanilla_overoptimized"), "{md}");
 
     // 3. Again: everything is found finished; other settings in the same directory are refused.
