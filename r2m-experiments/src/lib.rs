@@ -7,6 +7,7 @@
 //!   [`gold::Gold`], the gold an experiment measures with: built in or a command of the user's;
 //! - [`oracle`]: the experiment's upper bound, a proxy head retrained on gold-labelled pairs;
 //! - [`heldout`]: held-out prompts scored by proxy and gold (before/after, evaluation);
+//! - [`report`]: that experiment's report (tables, `report.json`, plots) from its finished runs;
 //! - [`jsonl`]: the experiments' JSONL files;
 //! - [`stats`]: t, Wilson and bootstrap intervals;
 //! - [`verdict`]: the experiment's verdict from the held-out curves (`report.json`'s keys);
@@ -21,6 +22,7 @@ pub mod heldout;
 pub mod jsonl;
 pub mod oracle;
 pub mod overopt;
+pub mod report;
 pub mod stats;
 pub mod vader;
 pub mod verdict;
