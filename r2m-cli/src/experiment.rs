@@ -16,10 +16,10 @@ use crate::train::ctrl_c_flag;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum ExperimentCommand {
-    /// Reward over-optimization against a gold reward (VADER sentiment): a proxy RM trained on
-    /// gold-labelled samples of the initial policy, then RLOO runs for each method x seed, with a
-    /// table and plots of gold and proxy reward against sqrt(KL). Resumable: rerun with
-    /// `--resume EXP` after an interruption.
+    /// Reward over-optimization against a gold reward (VADER, VADER behind quality gates, or a
+    /// command): a proxy RM trained on gold-labelled samples of the initial policy, then RLOO
+    /// runs for each method x seed, with a table and plots of gold and proxy reward against
+    /// sqrt(KL). Resumable: rerun with `--resume EXP` after an interruption.
     Overopt(OveroptArgs),
 }
 

@@ -4,10 +4,11 @@
 //!
 //! - **Task**: prompts asking the policy for its opinion of a film (made-up titles, so the policy
 //!   has no facts to lean on), [`film_prompts`].
-//! - **Gold reward**: the VADER sentiment compound of the response ([`crate::vader`], a port of
-//!   vaderSentiment 3.3.2 checked against the Python reference), in `[-1, 1]`. It stands in for
-//!   human judgement: deterministic, offline, free, and unrelated to the RM's architecture, so
-//!   the proxy can disagree with it in ways the policy can exploit.
+//! - **Gold reward** ([`Gold`]): VADER's sentiment compound of the response ([`crate::vader`],
+//!   a port of vaderSentiment 3.3.2 checked against the Python reference), alone (`vader`, the
+//!   first sweep's) or behind quality gates that degenerate text fails (`quality`,
+//!   [`crate::gold`]), or a command of the user's. It stands in for human judgement and never
+//!   reaches the policy.
 //! - **Proxy RM**: a Bradley-Terry scoring head on the frozen policy backbone, trained on pairs of
 //!   responses sampled from the *initial* policy on other films' prompts and labelled by the gold
 //!   reward, with `label_noise` of the training labels flipped (`rm-pairs.jsonl`, the file
