@@ -6,9 +6,8 @@ use std::time::Instant;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use r2m_core::{R2mError, Result};
-use r2m_experiments::overopt::{
-    report, run_experiment, ExperimentControl, GoldKind, OveroptConfig,
-};
+use r2m_experiments::overopt::{run_experiment, ExperimentControl, GoldKind, OveroptConfig};
+use r2m_experiments::report::report;
 use r2m_rl::config::RmMethod;
 
 use crate::backends::BackendTask;
@@ -162,11 +161,10 @@ impl BackendTask for ExperimentTask {
             );
             return Ok(());
         }
-        if let Some(rep) = &s.report {
-            println!("{}", rep.markdown);
-            for p in &rep.plots {
-                println!("  {}", p.display());
-            }
+        let rep = report(&exp, &cfg)?;
+        println!("{}", rep.markdown);
+        for p in &rep.plots {
+            println!("  {}", p.display());
         }
         println!(
             "{} runs now, {} already finished; {:.0}s; wrote {}",

@@ -17,8 +17,9 @@
 //!   ([`run_config`]). The gold reward never reaches the policy; [`GoldTracked`] only measures,
 //!   per step, on the same samples: gold, proxy (mapped onto gold's scale, [`Calibration`]), their
 //!   gap, and the RM's pairwise agreement with gold before and after the RM's own update.
-//! - **Report** ([`crate::report`]): gold and proxy against `sqrt(KL)` with a min-max band over seeds, gold
-//!   at a KL every run reached, the gap, agreement and length, as a table and plots.
+//! - **Report** ([`crate::report`], after the runs, from their files): gold and proxy against
+//!   `sqrt(KL)` with a min-max band over seeds, gold at a KL every run reached, the gap,
+//!   agreement and length, as a table and plots, and the held-out verdict.
 //!
 //! ```text
 //! EXP/experiment.toml           this experiment's settings (`--resume EXP` reads them back)
@@ -63,7 +64,6 @@ pub use crate::gold::{gold_of, gold_scores, Gold, GoldKind};
 use crate::heldout::{evaluate_policy, HeldOutLog};
 use crate::jsonl::write_atomic;
 pub use crate::jsonl::{read_jsonl, write_jsonl};
-pub use crate::report::{report, Report};
 
 /// The seed of the held-out samples at step t is `EVAL_SEED ^ t`: the same for every method and
 /// run seed, so held-out curves compare on common random numbers.
@@ -803,7 +803,6 @@ pub struct ExperimentSummary {
     /// Stopped by the interrupt flag (rerun the same command to continue).
     pub interrupted: bool,
     pub proxy_rm: ProxyRmInfo,
-    pub report: Option<Report>,
 }
 
 /// How good the proxy RM is, on held-out pairs from the initial policy.
@@ -819,7 +818,8 @@ pub struct ProxyRmInfo {
     pub calibration: Calibration,
 }
 
-/// Run (or continue) the whole experiment in `exp` and write its report.
+/// Run (or continue) the whole experiment in `exp`: the proxy RM, then every run. The report
+/// reads what the runs wrote ([`crate::report::report`]).
 pub fn run_experiment<B: AutodiffBackend>(
     cfg: &OveroptConfig,
     exp: &Path,
@@ -866,7 +866,6 @@ pub fn run_experiment<B: AutodiffBackend>(
         skipped: Vec::new(),
         interrupted: false,
         proxy_rm,
-        report: None,
     };
     let total: usize = cfg.methods.iter().map(|&m| cfg.seeds_of(m).len()).sum();
     let mut i = 0;
@@ -896,8 +895,6 @@ pub fn run_experiment<B: AutodiffBackend>(
         }
     }
 
-    // 4. The report.
-    summary.report = Some(report(exp, cfg)?);
     Ok(summary)
 }
 
