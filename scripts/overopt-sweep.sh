@@ -10,6 +10,7 @@
 # 2. The final sweep (configs/overopt/sweep.toml plus each method's tuned rate, picked by
 #    scripts/overopt_pick.py into ROOT/sweep.toml): every method on the evaluation seeds, in
 #    ROOT/final.
+# 3. The report rebuilt from the finished runs, and published (scripts/overopt-publish.sh).
 #
 # Every experiment uses the same proxy RM (same data seed and proxy settings): the first one
 # found under runs/regime or ROOT is copied, so only the RL runs differ.
@@ -63,3 +64,9 @@ if [ -f "$d_run/done.json" ] && [ ! -d "$root/final/runs/vanilla-seed0" ]; then
   cp -r "$d_run" "$root/final/runs/"
 fi
 experiment final "$root/sweep.toml"
+
+# The report again, by the binary at hand (a report fix made while the sweep ran reaches it here),
+# and the small outputs copied under docs/ (DOCS, default docs/overopt/2026-12-07-sweep).
+"$r2m" experiment overopt --resume "$root/final" --report-only > /dev/null
+scripts/overopt-publish.sh "$root/final" "${DOCS:-docs/overopt/2026-12-07-sweep}"
+echo "== report: $root/final/report.md"
