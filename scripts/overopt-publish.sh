@@ -8,7 +8,7 @@ set -euo pipefail
 exp=${1:?experiment directory}
 dest=${2:?destination under docs/}
 mkdir -p "$dest"
-for f in experiment.toml report.md report.json; do
+for f in experiment.toml report.md report.json proxy-rm/proxy_rm.json; do
   if [ -f "$exp/$f" ]; then cp "$exp/$f" "$dest/"; fi
 done
 if [ -d "$exp/plots" ]; then

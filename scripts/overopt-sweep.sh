@@ -63,10 +63,25 @@ if [ -f "$d_run/done.json" ] && [ ! -d "$root/final/runs/vanilla-seed0" ]; then
   mkdir -p "$root/final/runs"
   cp -r "$d_run" "$root/final/runs/"
 fi
+# On a fresh machine, the finished runs published under docs/ (metrics, held-out evaluations,
+# samples, done.json: all the report reads) count as finished: only the others run.
+docs=${DOCS:-docs/overopt/2026-12-07-sweep}
+for run in "$docs"/runs/*/; do
+  name=$(basename "$run")
+  if [ -f "$run/done.json" ] && [ ! -d "$root/final/runs/$name" ]; then
+    mkdir -p "$root/final/runs"
+    cp -r "$run" "$root/final/runs/$name"
+    echo "== $name: restored from $docs"
+  fi
+done
 experiment final "$root/sweep.toml"
+# A proxy trained anew (fresh machine) must be the one the published runs used.
+if [ -f "$docs/proxy_rm.json" ] && ! cmp -s "$docs/proxy_rm.json" "$root/final/proxy-rm/proxy_rm.json"; then
+  echo "WARNING: $root/final/proxy-rm/proxy_rm.json differs from $docs/proxy_rm.json: the runs restored from docs used another proxy"
+fi
 
 # The report again, by the binary at hand (a report fix made while the sweep ran reaches it here),
-# and the small outputs copied under docs/ (DOCS, default docs/overopt/2026-12-07-sweep).
+# and the small outputs copied under docs/.
 "$r2m" experiment overopt --resume "$root/final" --report-only > /dev/null
-scripts/overopt-publish.sh "$root/final" "${DOCS:-docs/overopt/2026-12-07-sweep}"
+scripts/overopt-publish.sh "$root/final" "$docs"
 echo "== report: $root/final/report.md"
