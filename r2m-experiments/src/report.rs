@@ -343,12 +343,17 @@ fn markdown(cfg: &OveroptConfig, rep: &Report, proxy: Option<&ProxyRmInfo>) -> S
             let pairs: Vec<f64> = (rep.runs.iter().filter(|r| r.method == m))
                 .flat_map(|r| r.oracle_pairs.iter().copied())
                 .collect();
+            let pairs = Spread::of(&pairs);
             format!(
                 "; every {} steps the proxy's head trains {} AdamW steps on the gold-labelled pairs \
-                 within each prompt's samples of that step ({:.1} pairs per update, mean)",
+                 within each prompt's samples of that step{}",
                 cfg.oracle_every,
                 cfg.oracle_epochs,
-                Spread::of(&pairs).mean
+                if pairs.n > 0 {
+                    format!(" ({:.1} pairs per update, mean)", pairs.mean)
+                } else {
+                    String::new()
+                }
             )
         });
         if set.is_some() || oracle.is_some() || cfg.method_seeds.contains_key(&name) {
