@@ -100,7 +100,8 @@ impl<B: Backend> HeldOutEval<'_, B> {
 /// One held-out evaluation of the policy during RL (a line of `RUN/heldout.jsonl`): `k`
 /// responses to each held-out prompt, sampled as the training rollouts are (same temperature
 /// and length), each with its gold, the fixed proxy's score and its sequence KL to the reference
-/// (`sum_t log pi(y_t) - log pi_ref(y_t)`). Row `i * k + j` is sample `j` of prompt `i`.
+/// (`sum_t log pi(y_t) - log pi_ref(y_t)`), and the response itself, so that another gold can
+/// score the curve again later. Row `i * k + j` is sample `j` of prompt `i`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HeldOutStep {
     pub step: usize,
@@ -108,6 +109,9 @@ pub struct HeldOutStep {
     pub gold: Vec<f64>,
     pub proxy: Vec<f64>,
     pub kl: Vec<f64>,
+    /// The responses (empty in logs written before 2026-12-07's final sweep resumed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub responses: Vec<String>,
 }
 
 impl HeldOutStep {
@@ -166,6 +170,9 @@ pub fn evaluate_policy<B: AutodiffBackend>(
         gold: golds,
         proxy: scores.into_iter().map(f64::from).collect(),
         kl,
+        responses: (exp.responses.iter())
+            .map(|r| r.text.clone().unwrap_or_default())
+            .collect(),
     })
 }
 

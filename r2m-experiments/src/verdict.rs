@@ -341,6 +341,7 @@ mod tests {
             proxy: gold.clone(),
             kl: vec![kl; 16],
             gold,
+            responses: vec![],
         }
     }
 

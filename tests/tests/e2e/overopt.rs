@@ -107,6 +107,13 @@ fn overopt_reduced_runs_every_method_resumes_and_reports() {
             let n = cfg.eval_prompts * cfg.samples_per_prompt;
             assert_eq!((h.k, h.gold.len(), h.proxy.len(), h.kl.len()), (2, n, n, n));
             assert!(h.kl.iter().chain(&h.proxy).all(|x| x.is_finite()));
+            // The responses are kept, so another gold can score them again.
+            assert_eq!(h.responses.len(), n);
+            assert!(
+                h.responses.iter().any(|r| !r.is_empty()),
+                "{:?}",
+                h.responses
+            );
         }
         assert!(
             held[0].kl.iter().all(|k| k.abs() < 1e-3),
