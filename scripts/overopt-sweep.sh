@@ -57,14 +57,9 @@ if [ ! -f "$root/sweep.toml" ]; then
   { cat configs/overopt/sweep.toml; echo "$picks"; } > "$root/sweep.toml.tmp"
   mv "$root/sweep.toml.tmp" "$root/sweep.toml"
 fi
-# Vanilla on seed 0 is setting D of the regime search (same settings, same seed): reuse it.
-d_run=runs/regime/D-top4-lr1e-4-kl0-80steps/runs/vanilla-seed0
-if [ -f "$d_run/done.json" ] && [ ! -d "$root/final/runs/vanilla-seed0" ]; then
-  mkdir -p "$root/final/runs"
-  cp -r "$d_run" "$root/final/runs/"
-fi
-# On a fresh machine, the finished runs published under docs/ (metrics, held-out evaluations,
-# samples, done.json: all the report reads) count as finished: only the others run.
+# The finished runs published under docs/ (metrics, held-out evaluations, samples, done.json:
+# all the report reads) count as finished, on a fresh machine too: only the others run. Among
+# them, vanilla on seed 0 is setting D of the regime search (same settings, same seed).
 docs=${DOCS:-docs/overopt/2026-12-07-sweep}
 for run in "$docs"/runs/*/; do
   name=$(basename "$run")

@@ -207,14 +207,27 @@ pub struct Report {
 
 /// Read every finished run of `cfg` in `exp`, write `report.md`, `report.json` and the plots.
 pub fn report(exp: &Path, cfg: &OveroptConfig) -> Result<Report> {
-    let mut runs = Vec::new();
-    for &m in &cfg.methods {
-        for &s in cfg.seeds_of(m) {
-            let dir = run_dir(exp, m, s);
-            let p = dir.join("metrics.jsonl");
-            if dir.join("done.json").exists() && p.exists() {
-                runs.push(RunCurve::from_metrics(m, s, &read_step_metrics(&p)?));
+    // Every finished run: its step curves (`metrics.jsonl`) and held-out evaluations.
+    let (mut runs, mut held) = (Vec::new(), Vec::new());
+    for &method in &cfg.methods {
+        for &seed in cfg.seeds_of(method) {
+            let dir = run_dir(exp, method, seed);
+            if !dir.join("done.json").exists() {
+                continue;
             }
+            let p = dir.join("metrics.jsonl");
+            if p.exists() {
+                runs.push(RunCurve::from_metrics(
+                    method,
+                    seed,
+                    &read_step_metrics(&p)?,
+                ));
+            }
+            held.push(HeldOutRun {
+                method,
+                seed,
+                points: read_heldout(&dir.join("heldout.jsonl"))?,
+            });
         }
     }
     if runs.is_empty() {
@@ -276,20 +289,6 @@ pub fn report(exp: &Path, cfg: &OveroptConfig) -> Result<Report> {
     let r2m = rows.iter().find(|r| r.method == "r2m");
     let r2m_vs_vanilla = r2m.map(|r| r.vs_vanilla_at_kl).filter(|s| s.n > 0);
     let r2m_vs_vanilla_fit = r2m.map(|r| r.vs_vanilla_at_kl_fit).filter(|s| s.n > 0);
-    let mut held = Vec::new();
-    for &method in &cfg.methods {
-        for &seed in cfg.seeds_of(method) {
-            let dir = run_dir(exp, method, seed);
-            if dir.join("done.json").exists() {
-                let points = read_heldout(&dir.join("heldout.jsonl"))?;
-                held.push(HeldOutRun {
-                    method,
-                    seed,
-                    points,
-                });
-            }
-        }
-    }
     let mut plots = report_plots(exp, cfg, &runs)?;
     plots.extend(crate::verdict::held_out_plots(&exp.join("plots"), &held)?);
     let proxy: Option<ProxyRmInfo> = std::fs::read_to_string(exp.join("proxy-rm/proxy_rm.json"))

@@ -92,9 +92,10 @@ fn relative_distance<B: Backend>(pairs: &[(Tensor<B, 2>, Tensor<B, 2>)]) -> f64 
         moved += sum(a.clone() - a0.clone());
         size += sum(a0.clone());
     }
-    match size > 0.0 {
-        true => (moved / size).sqrt(),
-        false => 0.0,
+    if size > 0.0 {
+        (moved / size).sqrt()
+    } else {
+        0.0
     }
 }
 
