@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A diagnostic beside the over-optimization sweep (issue 27): vanilla seeds 1 and 2 run on to
-# step 140 (configs/overopt/long.toml), with the sweep's proxy, to see whether held-out gold falls
+# A diagnostic beside the over-optimization sweep (issue 27): vanilla seed 1 run on to step
+# 140 (configs/overopt/long.toml), with the sweep's proxy, to see whether held-out gold falls
 # after step 80. Resumable: rerun the same command. Publishes to docs/overopt/2026-12-07-long.
 #
 #   scripts/overopt-long.sh runs/sweep runs/long
