@@ -19,6 +19,5 @@ if [ -f "$exp/experiment.toml" ]; then
 else
   "$r2m" experiment overopt --config configs/overopt/long.toml --out "$exp"
 fi
-"$r2m" experiment overopt --resume "$exp" --report-only > /dev/null
 scripts/overopt-publish.sh "$exp" "$docs"
 echo "== long: finished $(date -u +%FT%TZ)"
